@@ -1,0 +1,280 @@
+"""Pure-PyTorch chunked log-prob head: any device, bounded memory.
+
+Algorithm. Only valid positions (label != ignore_index) are touched; they are gathered into a
+compact list of n rows. Rows x vocabulary is walked in tiles of (rows, cols): each tile of logits
+is materialised in fp32 (read from the logits, or computed as hidden_rows @ weight_colsᵀ + bias on
+the linear path), softcapped and tempered, folded into a running logsumexp, and dropped.
+Forward keeps lse and the target logit per token (and, when asked, the running sums behind
+entropy, mean logit, max logit and log Σp²). Backward walks the same tiles again and turns each
+into  dz = g · (onehot(y) − softmax(z)) · dz/draw,  which is written out (logits path) or
+multiplied into dh = dz·W and dW = dzᵀ·h (linear path).
+
+Memory: one fp32 tile of at most TILE_BYTES plus ~2 temporaries of its size; on the linear path also
+the compact hidden rows (n, H), an fp32 dh accumulator (n, H) and one vocab chunk's fp32 dW
+(cols, H). Nothing of size (N, V) except the logits gradient the logits path returns.
+FLOPs (linear path): forward 2·n·H·V, backward 6·n·H·V, n counting valid tokens only.
+The fused pass (`linear_rows_fused`) holds one (rows, V) tile and does 6·n·H·V in all.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from fastpref.params import HeadParams
+
+TILE_BYTES = 64 << 20  # fp32 bytes of one logits tile
+VOCAB_CHUNK = 32768  # columns of one tile
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Statistics are fp32, or fp64 for fp64 inputs (so gradcheck sees exact math)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def rows_per_tile(n_cols: int, dtype: torch.dtype, params: HeadParams) -> int:
+    """How many rows of n_cols compute-dtype values fit in one tile (at least one)."""
+    itemsize = torch.finfo(compute_dtype(dtype)).bits // 8
+    budget = TILE_BYTES if params.tile_bytes is None else params.tile_bytes
+    return max(1, budget // (n_cols * itemsize))
+
+
+def _spans(total: int, step: int):
+    for start in range(0, total, step):
+        yield start, min(start + step, total)
+
+
+def _valid_positions(labels: torch.Tensor, ignore_index: int) -> tuple[torch.Tensor, ...]:
+    """Index tuple of the valid positions of labels (...), usable on any (..., X) tensor."""
+    return (labels != ignore_index).nonzero(as_tuple=True)
+
+
+def _transform_(z: torch.Tensor, params: HeadParams) -> torch.Tensor:
+    """z <- softcap·tanh(z/softcap), then z <- z/temperature; in place on a tile."""
+    if params.softcap is not None:
+        z.div_(params.softcap).tanh_().mul_(params.softcap)
+    if params.temperature != 1.0:
+        z.div_(params.temperature)
+    return z
+
+
+def _softmax_grad_(z, y_local, lse, g, params: HeadParams) -> torch.Tensor:
+    """Turn a transformed tile z (r, c) in place into d(Σ g·logp)/d(raw logits).
+
+    y_local (r,): target column within the tile (outside [0, c) when the target is elsewhere).
+    """
+    if params.softcap is not None:
+        # d z'/d raw = (1 − tanh²)/T, and tanh = z'·T/c is read back from the transformed tile.
+        tanh = z * (params.temperature / params.softcap)
+        slope = tanh.square_().neg_().add_(1.0).div_(params.temperature)
+    # dz' = g · (onehot(y) − softmax(z'))
+    dz = z.sub_(lse[:, None]).exp_().mul_(-g[:, None])
+    hit = (y_local >= 0) & (y_local < z.shape[1])
+    dz.scatter_add_(1, y_local.clamp(0, z.shape[1] - 1)[:, None], torch.where(hit, g, 0.0)[:, None])
+    if params.softcap is not None:
+        dz.mul_(slope)
+    elif params.temperature != 1.0:
+        dz.div_(params.temperature)
+    return dz
+
+
+class _RowFold:
+    """Running log-sum-exp (and optional statistics) of r rows seen one vocab chunk at a time."""
+
+    def __init__(self, r: int, n_cols: int, like: torch.Tensor, with_stats: bool):
+        self.n_cols = n_cols
+        self.lse = like.new_full((r,), float("-inf"))
+        self.target = like.new_zeros(r)
+        self.with_stats = with_stats
+        if with_stats:
+            self.p_dot_z = like.new_zeros(r)  # Σ softmax(z)·z under the running lse
+            self.lse2 = like.new_full((r,), float("-inf"))  # logsumexp(2z)
+            self.z_sum = like.new_zeros(r)
+            self.z_max = like.new_full((r,), float("-inf"))
+
+    def add(self, z: torch.Tensor, y_local: torch.Tensor) -> None:
+        """Fold a transformed tile z (r, c) whose targets sit at columns y_local (r,)."""
+        hit = (y_local >= 0) & (y_local < z.shape[1])
+        picked = z.gather(1, y_local.clamp(0, z.shape[1] - 1)[:, None]).squeeze(1)
+        self.target = torch.where(hit, picked, self.target)
+        chunk_lse = torch.logsumexp(z, dim=1)
+        new_lse = torch.logaddexp(self.lse, chunk_lse)
+        if self.with_stats:
+            chunk_p_dot_z = (torch.softmax(z, dim=1) * z).sum(1)
+            self.p_dot_z = self.p_dot_z * torch.exp(self.lse - new_lse) + chunk_p_dot_z * torch.exp(
+                chunk_lse - new_lse
+            )
+            self.lse2 = torch.logaddexp(self.lse2, torch.logsumexp(2 * z, dim=1))
+            self.z_sum += z.sum(1)
+            self.z_max = torch.maximum(self.z_max, z.amax(1))
+        self.lse = new_lse
+
+    def stats(self) -> torch.Tensor:
+        """(4, r): entropy, is_top1 (0/1), mean logit, log Σp², in STAT_NAMES order."""
+        return torch.stack(
+            [
+                self.lse - self.p_dot_z,
+                (self.target >= self.z_max).to(self.lse.dtype),
+                self.z_sum / self.n_cols,
+                self.lse2 - 2 * self.lse,
+            ]
+        )
+
+
+def _fold_forward(tile: Callable, y, n_cols, like, params, with_stats):
+    """Walk rows x cols tiles given by tile(r0, r1, c0, c1) -> raw fp32 tile; return compact
+    lse (n,), target (n,) and stats (4, n) or None."""
+    n = y.numel()
+    cols = min(n_cols, VOCAB_CHUNK)
+    rows = rows_per_tile(cols, like.dtype, params)
+    lse, target = like.new_empty(n), like.new_empty(n)
+    stats = like.new_empty(4, n) if with_stats else None
+    for r0, r1 in _spans(n, rows):
+        fold = _RowFold(r1 - r0, n_cols, like, with_stats)
+        for c0, c1 in _spans(n_cols, cols):
+            fold.add(_transform_(tile(r0, r1, c0, c1), params), y[r0:r1] - c0)
+        lse[r0:r1], target[r0:r1] = fold.lse, fold.target
+        if with_stats:
+            stats[:, r0:r1] = fold.stats()
+    return lse, target, stats
+
+
+def _scatter_outputs(labels, pos, lse, target, stats):
+    """Compact (n,) results -> full-shape (...) logps and lse, (4, ...) stats; zeros elsewhere."""
+    logps = lse.new_zeros(labels.shape)
+    logps[pos] = target - lse
+    full_lse = lse.new_zeros(labels.shape)
+    full_lse[pos] = lse
+    full_stats = None
+    if stats is not None:
+        full_stats = stats.new_zeros((4, *labels.shape))
+        full_stats[(slice(None), *pos)] = stats
+    return logps, full_lse, full_stats
+
+
+# ----------------------------------------------------------------------------- logits path
+
+
+def logits_forward(logits, labels, params: HeadParams, with_stats: bool):
+    """(..., V), (...) -> logps (...), lse (...), stats (4, ...) or None; fp32 (fp64 for fp64)."""
+    pos = _valid_positions(labels, params.ignore_index)
+    y = labels[pos]
+    cdt = compute_dtype(logits.dtype)
+    like = logits.new_empty(0, dtype=cdt)
+
+    def tile(r0, r1, c0, c1):
+        return logits[(*(p[r0:r1] for p in pos), slice(c0, c1))].to(cdt)
+
+    lse, target, stats = _fold_forward(tile, y, logits.shape[-1], like, params, with_stats)
+    return _scatter_outputs(labels, pos, lse, target, stats)
+
+
+def logits_backward(logits, labels, lse, grad_logps, params: HeadParams) -> torch.Tensor:
+    """Gradient of Σ grad_logps·logps w.r.t. logits: (..., V) in the logits' dtype, zero rows at
+    ignored positions."""
+    pos = _valid_positions(labels, params.ignore_index)
+    y, lse, g = labels[pos], lse[pos], grad_logps[pos]
+    cdt = compute_dtype(logits.dtype)
+    g = g.to(cdt)
+    grad = torch.zeros(logits.shape, dtype=logits.dtype, device=logits.device)
+    n, n_cols = y.numel(), logits.shape[-1]
+    cols = min(n_cols, VOCAB_CHUNK)
+    for r0, r1 in _spans(n, rows_per_tile(cols, logits.dtype, params)):
+        rows = tuple(p[r0:r1] for p in pos)
+        for c0, c1 in _spans(n_cols, cols):
+            z = _transform_(logits[(*rows, slice(c0, c1))].to(cdt), params)
+            grad[(*rows, slice(c0, c1))] = _softmax_grad_(z, y[r0:r1] - c0, lse[r0:r1], g[r0:r1], params).to(
+                logits.dtype
+            )
+    return grad
+
+
+# ----------------------------------------------------------------------------- linear path
+
+
+def _linear_tile(h_rows, weight, bias, c0, c1, cdt):
+    """Raw logits tile h_rows @ weight[c0:c1]ᵀ (+ bias[c0:c1]) in the compute dtype: (r, c)."""
+    w = weight[c0:c1]
+    z = h_rows @ w.T if bias is None else torch.addmm(bias[c0:c1], h_rows, w.T)
+    return z.to(cdt)
+
+
+def _accumulate_matmul_(acc, a, b) -> None:
+    """acc += a @ b, with a and b in the inputs' dtype and acc in the compute dtype."""
+    if acc.dtype == a.dtype:
+        acc.addmm_(a, b)
+    else:
+        acc.add_(a @ b)
+
+
+def linear_forward(hidden, weight, bias, labels, params: HeadParams, with_stats: bool):
+    """(..., H), (V, H), (V,) or None, (...) -> logps (...), lse (...), stats (4, ...) or None."""
+    pos = _valid_positions(labels, params.ignore_index)
+    y, h = labels[pos], hidden[pos]
+    cdt = compute_dtype(hidden.dtype)
+    like = hidden.new_empty(0, dtype=cdt)
+
+    def tile(r0, r1, c0, c1):
+        return _linear_tile(h[r0:r1], weight, bias, c0, c1, cdt)
+
+    lse, target, stats = _fold_forward(tile, y, weight.shape[0], like, params, with_stats)
+    return _scatter_outputs(labels, pos, lse, target, stats)
+
+
+def linear_backward(hidden, weight, bias, labels, lse, grad_logps, params: HeadParams, needs):
+    """Gradients of Σ grad_logps·logps w.r.t. (hidden, weight, bias); None where needs[i] is False.
+
+    Vocab chunks outermost, so one chunk's dW is accumulated in fp32 and written once.
+    """
+    need_h, need_w, need_b = needs
+    pos = _valid_positions(labels, params.ignore_index)
+    y, h, lse = labels[pos], hidden[pos], lse[pos]
+    cdt, dt = compute_dtype(hidden.dtype), hidden.dtype
+    g = grad_logps[pos].to(cdt)
+    n, (n_vocab, n_hidden) = y.numel(), weight.shape
+    cols = min(n_vocab, VOCAB_CHUNK)
+    rows = rows_per_tile(cols, dt, params)
+    dh_acc = h.new_zeros(n, n_hidden, dtype=cdt) if need_h else None
+    dw = torch.zeros_like(weight) if need_w else None
+    db = torch.zeros_like(bias) if need_b else None
+    for c0, c1 in _spans(n_vocab, cols):
+        dw_acc = h.new_zeros(c1 - c0, n_hidden, dtype=cdt) if need_w else None
+        for r0, r1 in _spans(n, rows):
+            z = _transform_(_linear_tile(h[r0:r1], weight, bias, c0, c1, cdt), params)
+            dz = _softmax_grad_(z, y[r0:r1] - c0, lse[r0:r1], g[r0:r1], params)
+            if need_h:
+                _accumulate_matmul_(dh_acc[r0:r1], dz.to(dt), weight[c0:c1])  # dh = dz · W
+            if need_w:
+                _accumulate_matmul_(dw_acc, dz.T.to(dt), h[r0:r1])  # dW = dzᵀ · h
+            if need_b:
+                db[c0:c1] += dz.sum(0).to(db.dtype)  # db = Σ_rows dz
+        if need_w:
+            dw[c0:c1] = dw_acc
+    dh = None
+    if need_h:
+        dh = torch.zeros_like(hidden)
+        dh[pos] = dh_acc.to(dt)
+    return dh, dw, db
+
+
+def linear_rows_fused(h_rows, weight, bias, y, params: HeadParams, token_grads: Callable, dw_acc, db_acc):
+    """One pass over the logits of r rows, held whole as one (r, V) tile: 3 GEMMs.
+
+    h_rows (r, H), y (r,) valid targets. token_grads(logps (r,), log_sum_sq_probs (r,)) returns the
+    upstream gradient g (r,) of each token's log-prob (the loss step of a pair chunk). Accumulates
+    dW into dw_acc (V, H) and db into db_acc (V,) when they are not None; returns dh_rows (r, H)
+    in the compute dtype.
+    """
+    cdt, dt = compute_dtype(h_rows.dtype), h_rows.dtype
+    z = _transform_(_linear_tile(h_rows, weight, bias, 0, weight.shape[0], cdt), params)
+    lse = torch.logsumexp(z, dim=1)
+    logps = z.gather(1, y[:, None]).squeeze(1) - lse
+    log_sum_sq = torch.logsumexp(2 * z, dim=1) - 2 * lse
+    g = token_grads(logps, log_sum_sq).to(cdt)
+    dz = _softmax_grad_(z, y, lse, g, params).to(dt)
+    if dw_acc is not None:
+        _accumulate_matmul_(dw_acc, dz.T, h_rows)  # dW += dzᵀ · h
+    if db_acc is not None:
+        db_acc += dz.sum(0)  # db += Σ_rows dz
+    return dz @ weight  # dh = dz · W

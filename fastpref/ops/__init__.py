@@ -1,0 +1,1 @@
+"""torch.autograd.Functions, one per fused op."""

@@ -1,0 +1,20 @@
+"""The non-tensor options of a log-prob op, as one frozen value (autograd Functions take it whole)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class HeadParams:
+    """How logits z become log-probs, and how large a logits tile may be: z <- softcap*tanh(z/softcap), then z <- z/temperature;
+    positions whose label equals ignore_index get log-prob 0 and no gradient."""
+
+    ignore_index: int = -100
+    temperature: float = 1.0
+    softcap: float | None = None
+    tile_bytes: int | None = None  # bytes of one fp32 logits tile; None: the backend's default
+
+
+# Names of the optional per-token statistics, in the order the ops return them (TRL's names).
+STAT_NAMES = ("entropy", "is_top1", "mean_logit", "log_sum_sq_probs")
