@@ -4,8 +4,9 @@ Algorithm. Only valid positions (label != ignore_index) are touched; they are ga
 compact list of n rows. Rows x vocabulary is walked in tiles of (rows, cols): each tile of logits
 is materialised in fp32 (read from the logits, or computed as hidden_rows @ weight_colsᵀ + bias on
 the linear path), softcapped and tempered, folded into a running logsumexp, and dropped.
-Forward keeps lse and the target logit per token (and, when asked, the running sums behind
-entropy, mean logit, max logit and log Σp²). Backward walks the same tiles again and turns each
+Forward keeps lse per token as the pair (max, log Σ exp(z − max)), never added up, so z − lse keeps
+fp32 precision at logits of ±1e4 (and, when asked, the running sums behind entropy, mean logit
+and log Σp²). Backward walks the same tiles again and turns each
 into  dz = g · (onehot(y) − softmax(z)) · dz/draw,  which is written out (logits path) or
 multiplied into dh = dz·W and dW = dzᵀ·h (linear path).
 
@@ -62,14 +63,15 @@ def _transform_(z: torch.Tensor, params: HeadParams) -> torch.Tensor:
 def _softmax_grad_(z, y_local, lse, g, params: HeadParams) -> torch.Tensor:
     """Turn a transformed tile z (r, c) in place into d(Σ g·logp)/d(raw logits).
 
-    y_local (r,): target column within the tile (outside [0, c) when the target is elsewhere).
+    y_local (r,): target column within the tile (outside [0, c) when the target is elsewhere);
+    lse (2, r): the rows' (max, log Σ exp(z − max)).
     """
     if params.softcap is not None:
         # d z'/d raw = (1 − tanh²)/T, and tanh = z'·T/c is read back from the transformed tile.
         tanh = z * (params.temperature / params.softcap)
         slope = tanh.square_().neg_().add_(1.0).div_(params.temperature)
-    # dz' = g · (onehot(y) − softmax(z'))
-    dz = z.sub_(lse[:, None]).exp_().mul_(-g[:, None])
+    # dz' = g · (onehot(y) − softmax(z')), softmax = exp((z − max) − log_sum)
+    dz = z.sub_(lse[0][:, None]).sub_(lse[1][:, None]).exp_().mul_(-g[:, None])
     hit = (y_local >= 0) & (y_local < z.shape[1])
     dz.scatter_add_(1, y_local.clamp(0, z.shape[1] - 1)[:, None], torch.where(hit, g, 0.0)[:, None])
     if params.softcap is not None:
@@ -80,84 +82,100 @@ def _softmax_grad_(z, y_local, lse, g, params: HeadParams) -> torch.Tensor:
 
 
 class _RowFold:
-    """Running log-sum-exp (and optional statistics) of r rows seen one vocab chunk at a time."""
+    """Running log-sum-exp (and optional statistics) of r rows seen one vocab chunk at a time.
 
-    def __init__(self, r: int, n_cols: int, like: torch.Tensor, with_stats: bool):
+    The log-sum-exp is kept as (max, log Σ exp(z − max)) and never added up, so that
+    z − lse keeps fp32 precision for logits of ±1e4; the statistics are kept relative to max too.
+    """
+
+    def __init__(self, n_cols: int, with_stats: bool):
         self.n_cols = n_cols
-        self.lse = like.new_full((r,), float("-inf"))
-        self.target = like.new_zeros(r)
         self.with_stats = with_stats
-        if with_stats:
-            self.p_dot_z = like.new_zeros(r)  # Σ softmax(z)·z under the running lse
-            self.lse2 = like.new_full((r,), float("-inf"))  # logsumexp(2z)
-            self.z_sum = like.new_zeros(r)
-            self.z_max = like.new_full((r,), float("-inf"))
+        self.max = None  # (r,) running max; None before the first chunk
 
     def add(self, z: torch.Tensor, y_local: torch.Tensor) -> None:
         """Fold a transformed tile z (r, c) whose targets sit at columns y_local (r,)."""
         hit = (y_local >= 0) & (y_local < z.shape[1])
         picked = z.gather(1, y_local.clamp(0, z.shape[1] - 1)[:, None]).squeeze(1)
-        self.target = torch.where(hit, picked, self.target)
-        chunk_lse = torch.logsumexp(z, dim=1)
-        new_lse = torch.logaddexp(self.lse, chunk_lse)
+        chunk_max = z.amax(1)
+        shifted = z - chunk_max[:, None]
+        exp = shifted.exp()
+        chunk_sum = exp.sum(1)
+        chunk_log_sum = chunk_sum.log()
         if self.with_stats:
-            chunk_p_dot_z = (torch.softmax(z, dim=1) * z).sum(1)
-            self.p_dot_z = self.p_dot_z * torch.exp(self.lse - new_lse) + chunk_p_dot_z * torch.exp(
-                chunk_lse - new_lse
-            )
-            self.lse2 = torch.logaddexp(self.lse2, torch.logsumexp(2 * z, dim=1))
-            self.z_sum += z.sum(1)
-            self.z_max = torch.maximum(self.z_max, z.amax(1))
-        self.lse = new_lse
+            chunk_p_dot_z = (exp * shifted).sum(1) / chunk_sum  # Σ softmax·(z − max) over the chunk
+            chunk_log_sum2 = torch.logsumexp(2 * shifted, dim=1)  # log Σ exp(2(z − max))
+            chunk_z_sum = z.sum(1)
+        if self.max is None:
+            self.max, self.log_sum = chunk_max, chunk_log_sum
+            self.target = torch.where(hit, picked, 0.0)
+            if self.with_stats:
+                self.p_dot_z, self.log_sum2, self.z_sum = chunk_p_dot_z, chunk_log_sum2, chunk_z_sum
+            return
+        self.target = torch.where(hit, picked, self.target)
+        new_max = torch.maximum(self.max, chunk_max)
+        old_shift, chunk_shift = self.max - new_max, chunk_max - new_max
+        old, chunk = self.log_sum + old_shift, chunk_log_sum + chunk_shift
+        new_log_sum = torch.logaddexp(old, chunk)
+        if self.with_stats:
+            self.p_dot_z = torch.exp(old - new_log_sum) * (self.p_dot_z + old_shift) + torch.exp(
+                chunk - new_log_sum
+            ) * (chunk_p_dot_z + chunk_shift)
+            self.log_sum2 = torch.logaddexp(self.log_sum2 + 2 * old_shift, chunk_log_sum2 + 2 * chunk_shift)
+            self.z_sum = self.z_sum + chunk_z_sum
+        self.max, self.log_sum = new_max, new_log_sum
+
+    def logps(self) -> torch.Tensor:
+        return (self.target - self.max) - self.log_sum
 
     def stats(self) -> torch.Tensor:
         """(4, r): entropy, is_top1 (0/1), mean logit, log Σp², in STAT_NAMES order."""
         return torch.stack(
             [
-                self.lse - self.p_dot_z,
-                (self.target >= self.z_max).to(self.lse.dtype),
+                self.log_sum - self.p_dot_z,
+                (self.target >= self.max).to(self.max.dtype),
                 self.z_sum / self.n_cols,
-                self.lse2 - 2 * self.lse,
+                self.log_sum2 - 2 * self.log_sum,
             ]
         )
 
 
 def _fold_forward(tile: Callable, y, n_cols, like, params, with_stats):
-    """Walk rows x cols tiles given by tile(r0, r1, c0, c1) -> raw fp32 tile; return compact
-    lse (n,), target (n,) and stats (4, n) or None."""
+    """Walk rows x cols tiles given by tile(r0, r1, c0, c1) -> raw tile in the compute dtype;
+    return compact logps (n,), lse (2, n) and stats (4, n) or None."""
     n = y.numel()
     cols = min(n_cols, VOCAB_CHUNK)
-    rows = rows_per_tile(cols, like.dtype, params)
-    lse, target = like.new_empty(n), like.new_empty(n)
+    logps, lse = like.new_empty(n), like.new_empty(2, n)
     stats = like.new_empty(4, n) if with_stats else None
-    for r0, r1 in _spans(n, rows):
-        fold = _RowFold(r1 - r0, n_cols, like, with_stats)
+    for r0, r1 in _spans(n, rows_per_tile(cols, like.dtype, params)):
+        fold = _RowFold(n_cols, with_stats)
         for c0, c1 in _spans(n_cols, cols):
             fold.add(_transform_(tile(r0, r1, c0, c1), params), y[r0:r1] - c0)
-        lse[r0:r1], target[r0:r1] = fold.lse, fold.target
+        logps[r0:r1], lse[0, r0:r1], lse[1, r0:r1] = fold.logps(), fold.max, fold.log_sum
         if with_stats:
             stats[:, r0:r1] = fold.stats()
-    return lse, target, stats
+    return logps, lse, stats
 
 
-def _scatter_outputs(labels, pos, lse, target, stats):
-    """Compact (n,) results -> full-shape (...) logps and lse, (4, ...) stats; zeros elsewhere."""
-    logps = lse.new_zeros(labels.shape)
-    logps[pos] = target - lse
-    full_lse = lse.new_zeros(labels.shape)
-    full_lse[pos] = lse
+def _scatter_outputs(labels, pos, logps, lse, stats):
+    """Compact results -> full-shape logps (...), lse (2, ...), stats (4, ...); zeros elsewhere."""
+    full_logps = logps.new_zeros(labels.shape)
+    full_logps[pos] = logps
+    full_lse = lse.new_zeros((2, *labels.shape))
+    full_lse[(slice(None), *pos)] = lse
     full_stats = None
     if stats is not None:
         full_stats = stats.new_zeros((4, *labels.shape))
         full_stats[(slice(None), *pos)] = stats
-    return logps, full_lse, full_stats
+    return full_logps, full_lse, full_stats
 
 
 # ----------------------------------------------------------------------------- logits path
 
 
 def logits_forward(logits, labels, params: HeadParams, with_stats: bool):
-    """(..., V), (...) -> logps (...), lse (...), stats (4, ...) or None; fp32 (fp64 for fp64)."""
+    """(..., V), (...) -> logps (...), lse (2, ...) as (max, log Σ exp(z − max)), stats (4, ...) or
+    None; fp32 (fp64 for fp64 inputs)."""
     pos = _valid_positions(labels, params.ignore_index)
     y = labels[pos]
     cdt = compute_dtype(logits.dtype)
@@ -166,15 +184,14 @@ def logits_forward(logits, labels, params: HeadParams, with_stats: bool):
     def tile(r0, r1, c0, c1):
         return logits[(*(p[r0:r1] for p in pos), slice(c0, c1))].to(cdt)
 
-    lse, target, stats = _fold_forward(tile, y, logits.shape[-1], like, params, with_stats)
-    return _scatter_outputs(labels, pos, lse, target, stats)
+    return _scatter_outputs(labels, pos, *_fold_forward(tile, y, logits.shape[-1], like, params, with_stats))
 
 
 def logits_backward(logits, labels, lse, grad_logps, params: HeadParams) -> torch.Tensor:
     """Gradient of Σ grad_logps·logps w.r.t. logits: (..., V) in the logits' dtype, zero rows at
     ignored positions."""
     pos = _valid_positions(labels, params.ignore_index)
-    y, lse, g = labels[pos], lse[pos], grad_logps[pos]
+    y, lse, g = labels[pos], lse[(slice(None), *pos)], grad_logps[pos]
     cdt = compute_dtype(logits.dtype)
     g = g.to(cdt)
     grad = torch.zeros(logits.shape, dtype=logits.dtype, device=logits.device)
@@ -184,7 +201,7 @@ def logits_backward(logits, labels, lse, grad_logps, params: HeadParams) -> torc
         rows = tuple(p[r0:r1] for p in pos)
         for c0, c1 in _spans(n_cols, cols):
             z = _transform_(logits[(*rows, slice(c0, c1))].to(cdt), params)
-            grad[(*rows, slice(c0, c1))] = _softmax_grad_(z, y[r0:r1] - c0, lse[r0:r1], g[r0:r1], params).to(
+            grad[(*rows, slice(c0, c1))] = _softmax_grad_(z, y[r0:r1] - c0, lse[:, r0:r1], g[r0:r1], params).to(
                 logits.dtype
             )
     return grad
@@ -209,7 +226,7 @@ def _accumulate_matmul_(acc, a, b) -> None:
 
 
 def linear_forward(hidden, weight, bias, labels, params: HeadParams, with_stats: bool):
-    """(..., H), (V, H), (V,) or None, (...) -> logps (...), lse (...), stats (4, ...) or None."""
+    """(..., H), (V, H), (V,) or None, (...) -> logps (...), lse (2, ...), stats (4, ...) or None."""
     pos = _valid_positions(labels, params.ignore_index)
     y, h = labels[pos], hidden[pos]
     cdt = compute_dtype(hidden.dtype)
@@ -218,8 +235,7 @@ def linear_forward(hidden, weight, bias, labels, params: HeadParams, with_stats:
     def tile(r0, r1, c0, c1):
         return _linear_tile(h[r0:r1], weight, bias, c0, c1, cdt)
 
-    lse, target, stats = _fold_forward(tile, y, weight.shape[0], like, params, with_stats)
-    return _scatter_outputs(labels, pos, lse, target, stats)
+    return _scatter_outputs(labels, pos, *_fold_forward(tile, y, weight.shape[0], like, params, with_stats))
 
 
 def linear_backward(hidden, weight, bias, labels, lse, grad_logps, params: HeadParams, needs):
@@ -229,7 +245,7 @@ def linear_backward(hidden, weight, bias, labels, lse, grad_logps, params: HeadP
     """
     need_h, need_w, need_b = needs
     pos = _valid_positions(labels, params.ignore_index)
-    y, h, lse = labels[pos], hidden[pos], lse[pos]
+    y, h, lse = labels[pos], hidden[pos], lse[(slice(None), *pos)]
     cdt, dt = compute_dtype(hidden.dtype), hidden.dtype
     g = grad_logps[pos].to(cdt)
     n, (n_vocab, n_hidden) = y.numel(), weight.shape
@@ -242,7 +258,7 @@ def linear_backward(hidden, weight, bias, labels, lse, grad_logps, params: HeadP
         dw_acc = h.new_zeros(c1 - c0, n_hidden, dtype=cdt) if need_w else None
         for r0, r1 in _spans(n, rows):
             z = _transform_(_linear_tile(h[r0:r1], weight, bias, c0, c1, cdt), params)
-            dz = _softmax_grad_(z, y[r0:r1] - c0, lse[r0:r1], g[r0:r1], params)
+            dz = _softmax_grad_(z, y[r0:r1] - c0, lse[:, r0:r1], g[r0:r1], params)
             if need_h:
                 _accumulate_matmul_(dh_acc[r0:r1], dz.to(dt), weight[c0:c1])  # dh = dz · W
             if need_w:
@@ -258,21 +274,27 @@ def linear_backward(hidden, weight, bias, labels, lse, grad_logps, params: HeadP
     return dh, dw, db
 
 
-def linear_rows_fused(h_rows, weight, bias, y, params: HeadParams, token_grads: Callable, dw_acc, db_acc):
+def linear_rows_fused(
+    h_rows, weight, bias, y, params: HeadParams, token_grads: Callable, dw_acc, db_acc, with_log_sum_sq: bool
+):
     """One pass over the logits of r rows, held whole as one (r, V) tile: 3 GEMMs.
 
-    h_rows (r, H), y (r,) valid targets. token_grads(logps (r,), log_sum_sq_probs (r,)) returns the
-    upstream gradient g (r,) of each token's log-prob (the loss step of a pair chunk). Accumulates
+    h_rows (r, H), y (r,) valid targets. token_grads(logps (r,), log_sum_sq_probs (r,) or None)
+    returns the upstream gradient g (r,) of each token's log-prob (the loss step of a pair chunk).
+    log Σp² is computed only when with_log_sum_sq. Accumulates
     dW into dw_acc (V, H) and db into db_acc (V,) when they are not None; returns dh_rows (r, H)
     in the compute dtype.
     """
     cdt, dt = compute_dtype(h_rows.dtype), h_rows.dtype
     z = _transform_(_linear_tile(h_rows, weight, bias, 0, weight.shape[0], cdt), params)
-    lse = torch.logsumexp(z, dim=1)
-    logps = z.gather(1, y[:, None]).squeeze(1) - lse
-    log_sum_sq = torch.logsumexp(2 * z, dim=1) - 2 * lse
+    row_max = z.amax(1)
+    shifted = z - row_max[:, None]
+    log_sum = torch.logsumexp(shifted, dim=1)
+    logps = shifted.gather(1, y[:, None]).squeeze(1) - log_sum
+    log_sum_sq = torch.logsumexp(2 * shifted, dim=1) - 2 * log_sum if with_log_sum_sq else None
+    del shifted
     g = token_grads(logps, log_sum_sq).to(cdt)
-    dz = _softmax_grad_(z, y, lse, g, params).to(dt)
+    dz = _softmax_grad_(z, y, torch.stack([row_max, log_sum]), g, params).to(dt)
     if dw_acc is not None:
         _accumulate_matmul_(dw_acc, dz.T, h_rows)  # dW += dzᵀ · h
     if db_acc is not None:

@@ -1,0 +1,19 @@
+# Two commands do all set-up on a fresh machine: `make demo` and `make test`.
+# torch==2.13.0 is installed first so pip never resolves a multi-GB CUDA build on a CPU box;
+# on a GPU machine, install your CUDA torch into .venv first and it is kept (>=2.4 is enough).
+VENV := .venv
+PY := $(VENV)/bin/python
+TORCH ?= torch==2.13.0
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH)"
+	$(PY) -m pip install -q -e ".[test]"
+	touch $@
+
+.PHONY: demo test
+demo: $(VENV)/.installed
+	$(PY) -m fastpref.demo
+
+test: $(VENV)/.installed
+	$(PY) -m pytest -q

@@ -1,0 +1,206 @@
+"""Parity of the log-prob functions with the float64 reference: values and gradients, with random
+non-uniform upstream gradients, on awkward shapes and tile edges."""
+
+import pytest
+import torch
+
+import fastpref
+import reference as ref
+from assertions import assert_close
+from fastpref.backends import torch_chunked
+from tolerances import VS_FP64
+
+DTYPES = [torch.float64, torch.float32, torch.float16]
+HEADS = [
+    {},
+    {"temperature": 0.7},
+    {"softcap": 5.0},
+    {"softcap": 30.0, "temperature": 1.3},
+]
+
+
+@pytest.fixture(params=["default_tiles", "small_tiles"])
+def tiles(request, monkeypatch):
+    """Default tile sizes, or tiles patched small so rows and vocab both cross chunk edges."""
+    if request.param == "small_tiles":
+        monkeypatch.setattr(torch_chunked, "VOCAB_CHUNK", 256)
+        monkeypatch.setattr(torch_chunked, "TILE_BYTES", 3 * 256 * 8)  # 3 rows of fp64, 6 of fp32
+    return request.param
+
+
+def make_labels(shape, vocab, ignore_index=-100, ignored_fraction=0.3):
+    labels = torch.randint(0, vocab, shape)
+    labels[torch.rand(shape) < ignored_fraction] = ignore_index
+    return labels
+
+
+def grad_of(outputs, inputs, upstream):
+    """Gradients of Σ upstream·outputs w.r.t. inputs (None for an input outside the graph)."""
+    return torch.autograd.grad(outputs, inputs, upstream, allow_unused=True)
+
+
+def check_parity(actual, expected, inputs, dtype, name):
+    """Values and gradients (under one random upstream gradient) of actual vs the fp64 expected."""
+    rtol, atol = VS_FP64[dtype]
+    assert actual.dtype == torch.promote_types(dtype, torch.float32)
+    assert_close(actual, expected, rtol=rtol, atol=atol, name=f"{name} values")
+    upstream = torch.randn_like(expected)
+    got = grad_of(actual, inputs, upstream.to(actual.dtype))
+    want = grad_of(expected, inputs, upstream)
+    for i, (g, w) in enumerate(zip(got, want)):
+        assert g is not None and g.dtype == inputs[i].dtype
+        assert_close(g, w, rtol=rtol, atol=atol, name=f"{name} grad of input {i}")
+
+
+def logits_like(shape, dtype, shift=0.0, scale=3.0):
+    values = torch.randn(shape, dtype=torch.float64) * scale + shift
+    return values.to(dtype).requires_grad_()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("head", HEADS)
+@pytest.mark.parametrize("shape", [(3, 5, 2053), (1, 1, 7), (2, 4, 97)])
+def test_token_logps(tiles, dtype, head, shape):
+    logits = logits_like(shape, dtype)
+    labels = make_labels(shape[:-1], shape[-1])
+    actual = fastpref.token_logps(logits, labels, **head)
+    expected = ref.token_logps(logits, labels, **head)
+    check_parity(actual, expected, (logits,), dtype, "token_logps")
+
+
+@pytest.mark.parametrize("shift", [-20.0, 20.0, -1e4, 1e4])
+def test_token_logps_shifted_logits_stay_finite(shift):
+    logits = logits_like((2, 6, 2053), torch.float32, shift=shift)
+    labels = make_labels((2, 6), 2053)
+    check_parity(fastpref.token_logps(logits, labels), ref.token_logps(logits, labels), (logits,), torch.float32, "shifted")
+
+
+def test_token_logps_large_vocab_and_ignore_index():
+    logits = logits_like((2, 3, 50257), torch.float32)
+    labels = make_labels((2, 3), 50257, ignore_index=0)
+    actual = fastpref.token_logps(logits, labels, ignore_index=0)
+    check_parity(actual, ref.token_logps(logits, labels, ignore_index=0), (logits,), torch.float32, "V=50257")
+
+
+def test_token_logps_non_contiguous_views(tiles):
+    base = logits_like((4, 7, 301), torch.float32)
+    shifted = base[:, :-1]  # the usual shift: a view that cannot be flattened without a copy
+    transposed = base.detach().transpose(0, 1).contiguous().transpose(0, 1).requires_grad_()
+    labels = make_labels((4, 7), 301)
+    for name, logits, lab in (("shifted", shifted, labels[:, 1:]), ("transposed", transposed, labels)):
+        assert not logits.is_contiguous()
+        inputs = (base,) if name == "shifted" else (logits,)
+        check_parity(fastpref.token_logps(logits, lab), ref.token_logps(logits, lab), inputs, torch.float32, name)
+
+
+def test_all_ignored_and_empty_rows_give_zero_and_no_grad(tiles):
+    logits = logits_like((3, 4, 53), torch.float32, shift=1e4)
+    labels = make_labels((3, 4), 53)
+    labels[1] = -100
+    out = fastpref.sequence_logps(logits, labels)
+    mean = fastpref.sequence_logps(logits, labels, reduction="mean")
+    assert out[1] == 0 and mean[1] == 0
+    (grad,) = torch.autograd.grad(out.sum() + mean.sum(), logits)
+    assert torch.isfinite(grad).all() and (grad[1] == 0).all()
+    empty = logits_like((2, 0, 53), torch.float32)
+    out = fastpref.sequence_logps(empty, torch.zeros(2, 0, dtype=torch.long))
+    assert out.shape == (2,) and (out == 0).all()
+
+
+@pytest.mark.parametrize("head", HEADS)
+def test_token_stats(tiles, head):
+    logits = logits_like((3, 5, 2053), torch.float32)
+    labels = make_labels((3, 5), 2053)
+    labels[0, 0] = logits[0, 0].argmax()  # one target that is the top-1
+    logps, stats = fastpref.token_logps(logits, labels, return_stats=True, **head)
+    want = ref.token_stats(logits, labels, **head)
+    assert_close(logps, ref.token_logps(logits, labels, **head), rtol=1e-5, atol=1e-6)
+    for name in fastpref.TokenStats._fields:
+        got = getattr(stats, name)
+        assert not got.requires_grad
+        if name == "is_top1":
+            assert got.dtype == torch.bool and torch.equal(got, want[name]) and got[0, 0]
+        else:
+            assert_close(got, want[name], rtol=1e-5, atol=1e-5, name=name)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("reduction", ["sum", "mean"])
+def test_sequence_logps(tiles, dtype, reduction):
+    logits = logits_like((4, 9, 2053), dtype)
+    labels = make_labels((4, 9), 2053)
+    labels[2] = -100
+    actual = fastpref.sequence_logps(logits, labels, reduction=reduction, softcap=30.0)
+    expected = ref.sequence_logps(logits, labels, reduction=reduction, softcap=30.0)
+    check_parity(actual, expected, (logits,), dtype, "sequence_logps")
+
+
+def linear_inputs(n_seqs, n_pos, hidden_size, vocab, dtype, with_bias=True):
+    hidden = (torch.randn(n_seqs, n_pos, hidden_size, dtype=torch.float64)).to(dtype).requires_grad_()
+    weight = (torch.randn(vocab, hidden_size, dtype=torch.float64) / hidden_size**0.5).to(dtype).requires_grad_()
+    bias = torch.randn(vocab, dtype=torch.float64).to(dtype).requires_grad_() if with_bias else None
+    return hidden, weight, bias, make_labels((n_seqs, n_pos), vocab)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("head", HEADS)
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_linear_token_logps(tiles, dtype, head, with_bias):
+    hidden, weight, bias, labels = linear_inputs(3, 5, 24, 2053, dtype, with_bias)
+    actual = fastpref.linear_token_logps(hidden, weight, labels, bias=bias, **head)
+    expected = ref.token_logps(ref.linear_logits(hidden, weight, bias), labels, **head)
+    inputs = (hidden, weight) if bias is None else (hidden, weight, bias)
+    check_parity(actual, expected, inputs, dtype, "linear_token_logps")
+
+
+@pytest.mark.parametrize("reduction", ["sum", "mean"])
+def test_linear_sequence_logps(tiles, reduction):
+    hidden, weight, bias, labels = linear_inputs(5, 7, 33, 997, torch.float32)
+    labels[1] = -100
+    actual = fastpref.linear_sequence_logps(hidden, weight, labels, bias=bias, reduction=reduction, softcap=10.0)
+    expected = ref.sequence_logps(ref.linear_logits(hidden, weight, bias), labels, reduction=reduction, softcap=10.0)
+    check_parity(actual, expected, (hidden, weight, bias), torch.float32, "linear_sequence_logps")
+
+
+def test_linear_stats_and_non_contiguous_hidden(tiles):
+    hidden, weight, _, labels = linear_inputs(3, 6, 16, 401, torch.float32, with_bias=False)
+    view = hidden[:, 1:]
+    logps, stats = fastpref.linear_token_logps(view, weight, labels[:, 1:], return_stats=True, temperature=0.9)
+    logits = ref.linear_logits(view, weight)
+    check_parity(logps, ref.token_logps(logits, labels[:, 1:], temperature=0.9), (hidden, weight), torch.float32, "view")
+    want = ref.token_stats(logits, labels[:, 1:], temperature=0.9)
+    for name in ("entropy", "mean_logit", "log_sum_sq_probs"):
+        assert_close(getattr(stats, name), want[name], rtol=1e-5, atol=1e-5, name=name)
+
+
+def test_frozen_head_gets_no_weight_grad():
+    hidden, weight, bias, labels = linear_inputs(2, 5, 8, 101, torch.float32)
+    weight.requires_grad_(False)
+    out = fastpref.linear_sequence_logps(hidden, weight, labels, bias=bias)
+    out.backward(torch.randn(2))
+    assert weight.grad is None and hidden.grad is not None and bias.grad is not None
+
+
+def test_gradcheck_float64():
+    logits = logits_like((2, 3, 11), torch.float64)
+    labels = make_labels((2, 3), 11)
+    assert torch.autograd.gradcheck(lambda z: fastpref.token_logps(z, labels, softcap=4.0, temperature=0.8), (logits,))
+    hidden, weight, bias, labels = linear_inputs(2, 3, 5, 13, torch.float64)
+    assert torch.autograd.gradcheck(
+        lambda h, w, b: fastpref.linear_sequence_logps(h, w, labels, bias=b, reduction="mean", softcap=3.0),
+        (hidden, weight, bias),
+    )
+
+
+def test_masked_sum_and_mean():
+    values = torch.randn(4, 6, dtype=torch.float64, requires_grad=True)
+    mask = torch.rand(4, 6) < 0.6
+    mask[3] = False
+    weights = torch.rand(4, 6, dtype=torch.float64)
+    for mask_ in (mask, weights):
+        check_parity(fastpref.masked_sum(values, mask_), ref.masked_sum(values, mask_), (values,), torch.float64, "sum")
+        check_parity(fastpref.masked_mean(values, mask_), ref.masked_mean(values, mask_), (values,), torch.float64, "mean")
+    poisoned = values.detach().clone()
+    poisoned[~mask] = float("nan")
+    assert torch.isfinite(fastpref.masked_sum(poisoned, mask)).all()
+    assert fastpref.masked_mean(values, mask)[3] == 0

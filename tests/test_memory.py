@@ -1,0 +1,68 @@
+"""Memory, measured by what the ops allocate: a TorchDispatchMode records every tensor any aten op
+returns, so no allocation hides. No tensor on the linear path reaches N x V elements; the logits
+path allocates nothing of N x V fp32 elements besides the gradient it returns."""
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import fastpref
+from fastpref.backends import torch_chunked
+
+N_SEQS, N_POS, HIDDEN, VOCAB = 4, 64, 32, 8192  # N = 256 tokens, N x V = 2M elements
+TILE_BYTES = 1 << 20  # tiles of 256k fp32 elements, an eighth of N x V
+
+
+@pytest.fixture(autouse=True)
+def _small_tiles(monkeypatch):
+    monkeypatch.setattr(torch_chunked, "TILE_BYTES", TILE_BYTES)
+
+
+class AllocationLog(TorchDispatchMode):
+    """Records (op, numel, dtype) of every tensor returned by an aten op."""
+
+    def __init__(self):
+        super().__init__()
+        self.outputs = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor):
+                self.outputs.append((str(func), t.numel(), t.dtype))
+        return out
+
+    def largest(self, dtype=None):
+        sizes = [numel for _, numel, dt in self.outputs if dtype is None or dt == dtype]
+        return max(sizes, default=0)
+
+
+def test_linear_path_never_holds_n_by_v():
+    hidden = torch.randn(N_SEQS, N_POS, HIDDEN, requires_grad=True)
+    weight = torch.randn(VOCAB, HIDDEN, requires_grad=True)
+    labels = torch.randint(0, VOCAB, (N_SEQS, N_POS))
+    with AllocationLog() as log:
+        out = fastpref.linear_sequence_logps(hidden, weight, labels)
+        out.backward(torch.randn(N_SEQS))
+    n_by_v = N_SEQS * N_POS * VOCAB
+    assert log.largest() <= TILE_BYTES // 4  # one tile at most
+    assert log.largest() < n_by_v // 4
+    assert weight.grad is not None  # the grads themselves are (V, H): legitimately large
+    # and the test itself can fail: the textbook path does allocate N x V
+    with AllocationLog() as textbook:
+        logits = hidden @ weight.T
+        torch.log_softmax(logits.float(), -1).gather(-1, labels[..., None]).sum().backward()
+    assert textbook.largest() >= n_by_v
+
+
+def test_logits_path_allocates_only_the_gradient():
+    logits = torch.randn(N_SEQS, N_POS, VOCAB, dtype=torch.bfloat16, requires_grad=True)
+    labels = torch.randint(0, VOCAB, (N_SEQS, N_POS))
+    with AllocationLog() as log:
+        out = fastpref.sequence_logps(logits, labels)
+        out.backward(torch.randn(N_SEQS))
+    n_by_v = N_SEQS * N_POS * VOCAB
+    assert log.largest(torch.float32) < n_by_v // 4  # no fp32 copy of the logits
+    assert [op for op, numel, dt in log.outputs if numel >= n_by_v and dt == torch.float32] == []
+    big = [dt for _, numel, dt in log.outputs if numel >= n_by_v]
+    assert big and set(big) == {torch.bfloat16}  # the gradient, in the logits' dtype
