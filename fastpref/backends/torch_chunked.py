@@ -26,7 +26,7 @@ import torch
 from fastpref.params import HeadParams
 
 TILE_BYTES = 64 << 20  # fp32 bytes of one logits tile
-VOCAB_CHUNK = 32768  # columns of one tile
+VOCAB_CHUNK = 8192  # columns of one tile: keeps the GEMM's packed weight chunk small
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -94,18 +94,21 @@ class _RowFold:
         self.max = None  # (r,) running max; None before the first chunk
 
     def add(self, z: torch.Tensor, y_local: torch.Tensor) -> None:
-        """Fold a transformed tile z (r, c) whose targets sit at columns y_local (r,)."""
+        """Fold a transformed tile z (r, c), consumed in place, whose targets sit at y_local (r,)."""
         hit = (y_local >= 0) & (y_local < z.shape[1])
         picked = z.gather(1, y_local.clamp(0, z.shape[1] - 1)[:, None]).squeeze(1)
         chunk_max = z.amax(1)
-        shifted = z - chunk_max[:, None]
-        exp = shifted.exp()
-        chunk_sum = exp.sum(1)
-        chunk_log_sum = chunk_sum.log()
         if self.with_stats:
-            chunk_p_dot_z = (exp * shifted).sum(1) / chunk_sum  # Σ softmax·(z − max) over the chunk
-            chunk_log_sum2 = torch.logsumexp(2 * shifted, dim=1)  # log Σ exp(2(z − max))
             chunk_z_sum = z.sum(1)
+        shifted = z.sub_(chunk_max[:, None])
+        if self.with_stats:
+            chunk_log_sum2 = torch.logsumexp(2 * shifted, dim=1)  # log Σ exp(2(z − max))
+            exp = shifted.exp()
+            chunk_sum = exp.sum(1)
+            chunk_p_dot_z = exp.mul_(shifted).sum(1) / chunk_sum  # Σ softmax·(z − max) over the chunk
+        else:
+            chunk_sum = shifted.exp_().sum(1)
+        chunk_log_sum = chunk_sum.log()
         if self.max is None:
             self.max, self.log_sum = chunk_max, chunk_log_sum
             self.target = torch.where(hit, picked, 0.0)
@@ -218,11 +221,12 @@ def _linear_tile(h_rows, weight, bias, c0, c1, cdt):
 
 
 def _accumulate_matmul_(acc, a, b) -> None:
-    """acc += a @ b, with a and b in the inputs' dtype and acc in the compute dtype."""
+    """acc += a @ b in acc's (compute) dtype. Half-precision operands are upcast first: rounding
+    each chunk's product to bf16 before summing biases the gradient (TRL found entropy drifting)."""
     if acc.dtype == a.dtype:
         acc.addmm_(a, b)
     else:
-        acc.add_(a @ b)
+        acc.addmm_(a.to(acc.dtype), b.to(acc.dtype))
 
 
 def linear_forward(hidden, weight, bias, labels, params: HeadParams, with_stats: bool):
@@ -255,7 +259,8 @@ def linear_backward(hidden, weight, bias, labels, lse, grad_logps, params: HeadP
     dw = torch.zeros_like(weight) if need_w else None
     db = torch.zeros_like(bias) if need_b else None
     for c0, c1 in _spans(n_vocab, cols):
-        dw_acc = h.new_zeros(c1 - c0, n_hidden, dtype=cdt) if need_w else None
+        # one vocab chunk's dW, accumulated in the compute dtype (in dW itself when it has that dtype)
+        dw_acc = (dw[c0:c1] if dw.dtype == cdt else h.new_zeros(c1 - c0, n_hidden, dtype=cdt)) if need_w else None
         for r0, r1 in _spans(n, rows):
             z = _transform_(_linear_tile(h[r0:r1], weight, bias, c0, c1, cdt), params)
             dz = _softmax_grad_(z, y[r0:r1] - c0, lse[:, r0:r1], g[r0:r1], params)
@@ -265,7 +270,7 @@ def linear_backward(hidden, weight, bias, labels, lse, grad_logps, params: HeadP
                 _accumulate_matmul_(dw_acc, dz.T.to(dt), h[r0:r1])  # dW = dzᵀ · h
             if need_b:
                 db[c0:c1] += dz.sum(0).to(db.dtype)  # db = Σ_rows dz
-        if need_w:
+        if need_w and dw_acc.dtype != dw.dtype:
             dw[c0:c1] = dw_acc
     dh = None
     if need_h:
