@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 
@@ -42,3 +44,39 @@ def check_choice(name: str, value, choices) -> None:
     """Raise ValueError unless `value` is one of `choices`."""
     if value not in choices:
         raise ValueError(f"{name} must be one of {sorted(choices)}, got {value!r}")
+
+
+def check_number(name: str, value) -> None:
+    """Raise TypeError unless `value` is a real Python number (bool excluded), ValueError unless finite."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value}")
+
+
+def check_interval(name: str, value, low: float, high: float, *, closed_high: bool = False) -> None:
+    """Raise unless `value` is a number in [low, high) (or [low, high] with closed_high)."""
+    check_number(name, value)
+    inside = low <= value <= high if closed_high else low <= value < high
+    if not inside:
+        bracket = "]" if closed_high else ")"
+        raise ValueError(f"{name} must lie in [{low}, {high}{bracket}, got {value}")
+
+
+def check_batch_vector(name: str, value, batch: int, *, floating: bool = True) -> None:
+    """Raise unless `value` is a (batch,) tensor: floating-point, or any real dtype if not `floating`."""
+    check_tensor(name, value, floating=floating)
+    if not floating and (value.is_complex() or value.dtype == torch.bool):
+        raise TypeError(f"{name} must be a real-valued tensor, got dtype {value.dtype}")
+    check_shape(name, value, (batch,), "one value per pair")
+
+
+def check_leading_batch(name: str, value, *, listwise: bool = False) -> int:
+    """Raise unless `value` is a floating (B,) tensor, or (B, K) with K >= 2 if `listwise`, with B >= 1;
+    return B."""
+    check_tensor(name, value, floating=True)
+    ndim, min_last = (2, 2) if listwise else (1, 1)
+    if value.dim() != ndim or value.shape[0] == 0 or value.shape[-1] < min_last:
+        wanted = "(B, K) with B >= 1, K >= 2" if listwise else "(B,) with B >= 1"
+        raise ValueError(f"{name} must have shape {wanted}, got {tuple(value.shape)}")
+    return value.shape[0]
