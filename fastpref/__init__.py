@@ -3,6 +3,7 @@ tensors. The public API (DESIGN.md) is re-exported here."""
 
 from fastpref.api import (
     TokenStats,
+    linear_dpo_loss,
     linear_sequence_logps,
     linear_token_logps,
     masked_mean,
@@ -10,13 +11,40 @@ from fastpref.api import (
     sequence_logps,
     token_logps,
 )
+from fastpref.losses import (
+    LOSS_TYPES,
+    PreferenceOutput,
+    bt_loss,
+    cpo_loss,
+    dpo_loss,
+    kl_penalty,
+    ld_token_weights,
+    orpo_loss,
+    pro_loss,
+    rrhf_loss,
+    simpo_loss,
+    wpo_weights,
+)
 
 __all__ = [
+    "LOSS_TYPES",
+    "PreferenceOutput",
     "TokenStats",
+    "bt_loss",
+    "cpo_loss",
+    "dpo_loss",
+    "kl_penalty",
+    "ld_token_weights",
+    "linear_dpo_loss",
     "linear_sequence_logps",
     "linear_token_logps",
     "masked_mean",
     "masked_sum",
+    "orpo_loss",
+    "pro_loss",
+    "rrhf_loss",
+    "simpo_loss",
     "sequence_logps",
     "token_logps",
+    "wpo_weights",
 ]
