@@ -19,12 +19,26 @@ HEADS = [
 ]
 
 
+def _small_tiles(monkeypatch):
+    monkeypatch.setattr(torch_chunked, "VOCAB_CHUNK", 256)
+    monkeypatch.setattr(torch_chunked, "TILE_BYTES", 3 * 256 * 8)  # 3 rows of fp64, 6 of fp32
+
+
 @pytest.fixture(params=["default_tiles", "small_tiles"])
 def tiles(request, monkeypatch):
     """Default tile sizes, or tiles patched small so rows and vocab both cross chunk edges."""
     if request.param == "small_tiles":
-        monkeypatch.setattr(torch_chunked, "VOCAB_CHUNK", 256)
-        monkeypatch.setattr(torch_chunked, "TILE_BYTES", 3 * 256 * 8)  # 3 rows of fp64, 6 of fp32
+        _small_tiles(monkeypatch)
+    return request.param
+
+
+@pytest.fixture(params=["torch", "torch_small_tiles", "triton"])
+def backend(request, monkeypatch):
+    """The logits path on each backend: chunked torch (default and small tiles), and the Triton
+    kernels (on CPU under TRITON_INTERPRET=1, set in conftest)."""
+    monkeypatch.setenv("FASTPREF_BACKEND", request.param.split("_")[0])
+    if request.param == "torch_small_tiles":
+        _small_tiles(monkeypatch)
     return request.param
 
 
@@ -60,7 +74,7 @@ def logits_like(shape, dtype, shift=0.0, scale=3.0):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("head", HEADS)
 @pytest.mark.parametrize("shape", [(3, 5, 2053), (1, 1, 7), (2, 4, 97)])
-def test_token_logps(tiles, dtype, head, shape):
+def test_token_logps(backend, dtype, head, shape):
     logits = logits_like(shape, dtype)
     labels = make_labels(shape[:-1], shape[-1])
     actual = fastpref.token_logps(logits, labels, **head)
@@ -69,20 +83,20 @@ def test_token_logps(tiles, dtype, head, shape):
 
 
 @pytest.mark.parametrize("shift", [-20.0, 20.0, -1e4, 1e4])
-def test_token_logps_shifted_logits_stay_finite(shift):
+def test_token_logps_shifted_logits_stay_finite(backend, shift):
     logits = logits_like((2, 6, 2053), torch.float32, shift=shift)
     labels = make_labels((2, 6), 2053)
     check_parity(fastpref.token_logps(logits, labels), ref.token_logps(logits, labels), (logits,), torch.float32, "shifted")
 
 
-def test_token_logps_large_vocab_and_ignore_index():
+def test_token_logps_large_vocab_and_ignore_index(backend):
     logits = logits_like((2, 3, 50257), torch.float32)
     labels = make_labels((2, 3), 50257, ignore_index=0)
     actual = fastpref.token_logps(logits, labels, ignore_index=0)
     check_parity(actual, ref.token_logps(logits, labels, ignore_index=0), (logits,), torch.float32, "V=50257")
 
 
-def test_token_logps_non_contiguous_views(tiles):
+def test_token_logps_non_contiguous_views(backend):
     base = logits_like((4, 7, 301), torch.float32)
     shifted = base[:, :-1]  # the usual shift: a view that cannot be flattened without a copy
     transposed = base.detach().transpose(0, 1).contiguous().transpose(0, 1).requires_grad_()
@@ -93,7 +107,7 @@ def test_token_logps_non_contiguous_views(tiles):
         check_parity(fastpref.token_logps(logits, lab), ref.token_logps(logits, lab), inputs, torch.float32, name)
 
 
-def test_all_ignored_and_empty_rows_give_zero_and_no_grad(tiles):
+def test_all_ignored_and_empty_rows_give_zero_and_no_grad(backend):
     logits = logits_like((3, 4, 53), torch.float32, shift=1e4)
     labels = make_labels((3, 4), 53)
     labels[1] = -100
@@ -108,7 +122,7 @@ def test_all_ignored_and_empty_rows_give_zero_and_no_grad(tiles):
 
 
 @pytest.mark.parametrize("head", HEADS)
-def test_token_stats(tiles, head):
+def test_token_stats(backend, head):
     logits = logits_like((3, 5, 2053), torch.float32)
     labels = make_labels((3, 5), 2053)
     labels[0, 0] = logits[0, 0].argmax()  # one target that is the top-1
@@ -126,7 +140,7 @@ def test_token_stats(tiles, head):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("reduction", ["sum", "mean"])
-def test_sequence_logps(tiles, dtype, reduction):
+def test_sequence_logps(backend, dtype, reduction):
     logits = logits_like((4, 9, 2053), dtype)
     labels = make_labels((4, 9), 2053)
     labels[2] = -100

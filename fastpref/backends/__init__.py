@@ -1,23 +1,42 @@
 """Backend choice, per call, from the tensors' device (callers never branch on device).
 
-`FASTPREF_BACKEND=torch` forces the chunked PyTorch backend.
+CUDA tensors run the Triton backend when Triton imports; everything else runs the chunked PyTorch
+backend. `FASTPREF_BACKEND=torch|triton` overrides; with `TRITON_INTERPRET=1`, `triton` also runs
+on CPU tensors (that is how CI tests the kernels).
 """
 
 from __future__ import annotations
 
+import importlib
 import os
+from functools import cache
 from types import ModuleType
 
 import torch
 
 from fastpref.backends import torch_chunked
 
-BACKENDS = {"torch": torch_chunked}
+BACKEND_NAMES = ("torch", "triton")
+
+
+@cache
+def _triton_backend() -> ModuleType | None:
+    try:
+        return importlib.import_module("fastpref.backends.triton_backend")
+    except ImportError:
+        return None
 
 
 def backend_for(tensor: torch.Tensor) -> ModuleType:
     """The backend module that computes on `tensor`'s device."""
-    choice = os.environ.get("FASTPREF_BACKEND", "torch")
-    if choice not in BACKENDS:
-        raise ValueError(f"FASTPREF_BACKEND must be one of {sorted(BACKENDS)}, got {choice!r}")
-    return BACKENDS[choice]
+    choice = os.environ.get("FASTPREF_BACKEND")
+    if choice is not None and choice not in BACKEND_NAMES:
+        raise ValueError(f"FASTPREF_BACKEND must be one of {list(BACKEND_NAMES)}, got {choice!r}")
+    if choice == "torch" or (choice is None and tensor.device.type != "cuda"):
+        return torch_chunked
+    backend = _triton_backend()
+    if backend is None:
+        if choice == "triton":
+            raise ValueError("FASTPREF_BACKEND=triton, but triton cannot be imported")
+        return torch_chunked
+    return backend

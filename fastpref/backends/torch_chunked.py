@@ -100,6 +100,8 @@ class _RowFold:
         chunk_max = z.amax(1)
         if self.with_stats:
             chunk_z_sum = z.sum(1)
+            columns = torch.arange(z.shape[1], device=z.device)
+            chunk_max_before = torch.where(columns < y_local[:, None], z, float("-inf")).amax(1)
         shifted = z.sub_(chunk_max[:, None])
         if self.with_stats:
             chunk_log_sum2 = torch.logsumexp(2 * shifted, dim=1)  # log Σ exp(2(z − max))
@@ -114,6 +116,7 @@ class _RowFold:
             self.target = torch.where(hit, picked, 0.0)
             if self.with_stats:
                 self.p_dot_z, self.log_sum2, self.z_sum = chunk_p_dot_z, chunk_log_sum2, chunk_z_sum
+                self.max_before = chunk_max_before
             return
         self.target = torch.where(hit, picked, self.target)
         new_max = torch.maximum(self.max, chunk_max)
@@ -126,17 +129,19 @@ class _RowFold:
             ) * (chunk_p_dot_z + chunk_shift)
             self.log_sum2 = torch.logaddexp(self.log_sum2 + 2 * old_shift, chunk_log_sum2 + 2 * chunk_shift)
             self.z_sum = self.z_sum + chunk_z_sum
+            self.max_before = torch.maximum(self.max_before, chunk_max_before)
         self.max, self.log_sum = new_max, new_log_sum
 
     def logps(self) -> torch.Tensor:
         return (self.target - self.max) - self.log_sum
 
     def stats(self) -> torch.Tensor:
-        """(4, r): entropy, is_top1 (0/1), mean logit, log Σp², in STAT_NAMES order."""
+        """(4, r): entropy, is_top1 (0/1: the first argmax is the target, as torch.argmax),
+        mean logit, log Σp², in STAT_NAMES order."""
         return torch.stack(
             [
                 self.log_sum - self.p_dot_z,
-                (self.target >= self.max).to(self.max.dtype),
+                ((self.target >= self.max) & (self.target > self.max_before)).to(self.max.dtype),
                 self.z_sum / self.n_cols,
                 self.log_sum2 - 2 * self.log_sum,
             ]
