@@ -12,6 +12,8 @@ from typing import NamedTuple
 import torch
 
 from fastpref._checks import check_choice, check_positive, check_same_device, check_shape, check_tensor
+from fastpref.losses import check_dpo_options, is_batch_coupled
+from fastpref.ops.linear_dpo import DPOParams, linear_dpo
 from fastpref.ops.linear_token_logps import LinearTokenLogps
 from fastpref.ops.token_logps import TokenLogps
 from fastpref.params import HeadParams
@@ -160,3 +162,101 @@ def linear_sequence_logps(
         hidden, weight, labels, bias=bias, ignore_index=ignore_index, temperature=temperature, softcap=softcap
     )
     return _reduce(per_token, labels, ignore_index, reduction)
+
+
+DEFAULT_MEMORY_BUDGET = 512 << 20  # bytes of logits the fused DPO pass may hold at once
+
+
+def _pair_indices(pairs, n_seqs: int, device):
+    """(chosen_idx, rejected_idx) (B,) each: given, or the chosen-then-rejected halves."""
+    if pairs is None:
+        if n_seqs % 2:
+            raise ValueError(
+                f"hidden must hold chosen-then-rejected halves (an even number of sequences), got {n_seqs}; "
+                "pass pairs=(chosen_idx, rejected_idx) otherwise"
+            )
+        half = n_seqs // 2
+        return torch.arange(half, device=device), torch.arange(half, 2 * half, device=device)
+    if not isinstance(pairs, (tuple, list)) or len(pairs) != 2:
+        raise TypeError("pairs must be a tuple (chosen_idx, rejected_idx) of integer tensors")
+    chosen_idx, rejected_idx = pairs
+    for name, idx in (("pairs[0]", chosen_idx), ("pairs[1]", rejected_idx)):
+        check_tensor(name, idx, integer=True)
+        if idx.dim() != 1:
+            raise ValueError(f"{name} must be 1-D (B,), got shape {tuple(idx.shape)}")
+        if not torch.compiler.is_compiling() and idx.numel() and (idx.min() < 0 or idx.max() >= n_seqs):
+            raise ValueError(f"{name} must index the {n_seqs} sequences of hidden, got values outside [0, {n_seqs})")
+    check_shape("pairs[1]", rejected_idx, chosen_idx.shape, "pairs[0].shape")
+    check_same_device(hidden=torch.empty(0, device=device), **{"pairs[0]": chosen_idx, "pairs[1]": rejected_idx})
+    return chosen_idx, rejected_idx
+
+
+def linear_dpo_loss(
+    hidden,
+    weight,
+    labels,
+    ref_chosen_logps,
+    ref_rejected_logps,
+    *,
+    beta=0.1,
+    loss_type="sigmoid",
+    pairs=None,
+    memory_budget=None,
+    bias=None,
+    ignore_index=-100,
+    temperature=1.0,
+    softcap=None,
+    loss_weights=None,
+    label_smoothing=0.0,
+    reference_free=False,
+    f_divergence_type="reverse_kl",
+    f_alpha_divergence_coef=1.0,
+    discopop_tau=0.05,
+    bco_delta=None,
+    ld_alpha=None,
+    use_weighting=False,
+):
+    """DPO-family loss from hidden states and the lm_head, logits never held whole.
+
+    hidden (M, T, H), weight (V, H), labels (M, T); sequences are chosen-then-rejected halves
+    (M = 2B) or `pairs=(chosen_idx, rejected_idx)` (B,) into M (the DPO paper's indexing).
+    ref_*_logps (B,) or None for reference-free losses. Loss options as in `dpo_loss`;
+    `ld_alpha` (LD-DPO) and `use_weighting` (WPO) as TRL's DPOConfig. `memory_budget` (bytes)
+    bounds the logits held at once; below one pair's logits the two-pass mode runs.
+    Returns PreferenceOutput(loss, chosen_rewards, rejected_rewards, chosen_logps, rejected_logps);
+    gradients flow to hidden, weight and bias.
+    """
+    check_tensor("hidden", hidden, floating=True)
+    if hidden.dim() != 3:
+        raise ValueError(f"hidden must be (M, T, H), got shape {tuple(hidden.shape)}")
+    head = _check_linear(hidden, weight, labels, bias, ignore_index, temperature, softcap)
+    chosen_idx, rejected_idx = _pair_indices(pairs, hidden.shape[0], hidden.device)
+    for name, ref in (("ref_chosen_logps", ref_chosen_logps), ("ref_rejected_logps", ref_rejected_logps)):
+        if ref is not None:
+            check_tensor(name, ref, floating=True)
+            check_shape(name, ref, chosen_idx.shape, "one per pair")
+            check_same_device(hidden=hidden, **{name: ref})
+    if memory_budget is None:
+        memory_budget = DEFAULT_MEMORY_BUDGET
+    elif not isinstance(memory_budget, int) or isinstance(memory_budget, bool) or memory_budget <= 0:
+        raise ValueError(f"memory_budget must be a positive number of bytes, got {memory_budget!r}")
+    if ld_alpha is not None and not (isinstance(ld_alpha, (int, float)) and 0.0 <= ld_alpha <= 1.0):
+        raise ValueError(f"ld_alpha must be None or a number in [0, 1], got {ld_alpha!r}")
+    if not isinstance(use_weighting, bool):
+        raise TypeError(f"use_weighting must be a bool, got {type(use_weighting).__name__}")
+    loss_options = dict(
+        beta=beta,
+        loss_type=loss_type,
+        loss_weights=loss_weights,
+        label_smoothing=label_smoothing,
+        reference_free=reference_free,
+        f_divergence_type=f_divergence_type,
+        f_alpha_divergence_coef=f_alpha_divergence_coef,
+        discopop_tau=discopop_tau,
+        bco_delta=bco_delta,
+    )
+    check_dpo_options(**loss_options)
+    if use_weighting and is_batch_coupled(loss_type):
+        raise ValueError("use_weighting cannot be combined with loss_type 'aot' / 'aot_unpaired', which sort pairs")
+    params = DPOParams(head, memory_budget, loss_options, ld_alpha, use_weighting)
+    return linear_dpo(hidden, weight, bias, labels, ref_chosen_logps, ref_rejected_logps, chosen_idx, rejected_idx, params)

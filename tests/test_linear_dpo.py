@@ -1,0 +1,211 @@
+"""linear_dpo_loss against the float64 reference (logits -> log_softmax -> sums -> TRL's loss), in
+each of its modes: one pair chunk, several pair chunks (single pass), and the two-pass mode."""
+
+import pytest
+import torch
+
+import fastpref
+import reference as ref
+from assertions import assert_close
+from fastpref.backends import torch_chunked
+from fastpref.losses import LOSS_TYPES
+from fastpref.ops import linear_dpo as linear_dpo_module
+from tolerances import VS_FP64
+
+PAIRS, POSITIONS, HIDDEN, VOCAB = 3, 7, 12, 2053
+NEEDS_SMOOTHING = {"exo_pair": 0.05, "robust": 0.1}
+
+
+def row_bytes(dtype):
+    """Bytes the single pass holds per token row (mirrors fused_rows_budget)."""
+    itemsize = torch.finfo(dtype).bits // 8
+    return VOCAB * (itemsize + 3 * max(itemsize, 4))
+
+
+# memory budgets: everything at once / about one pair per chunk / less than one pair (two passes)
+MODES = {"one_chunk": lambda dt: 1 << 30, "pair_chunks": lambda dt: 12 * row_bytes(dt), "two_pass": lambda dt: 3 * row_bytes(dt)}
+
+
+@pytest.fixture
+def path_log(monkeypatch):
+    """Counts the single-pass chunks and the two-pass runs that linear_dpo_loss takes."""
+    log = {"chunks": 0, "two_pass": 0}
+    fused, two_pass = torch_chunked.linear_rows_fused, linear_dpo_module.two_pass_dpo
+
+    def counting_fused(*args, **kwargs):
+        log["chunks"] += 1
+        return fused(*args, **kwargs)
+
+    def counting_two_pass(*args, **kwargs):
+        log["two_pass"] += 1
+        return two_pass(*args, **kwargs)
+
+    monkeypatch.setattr(torch_chunked, "linear_rows_fused", counting_fused)
+    monkeypatch.setattr(linear_dpo_module, "two_pass_dpo", counting_two_pass)
+    return log
+
+
+def make_batch(dtype, n_seqs=2 * PAIRS, with_bias=True):
+    hidden = torch.randn(n_seqs, POSITIONS, HIDDEN, dtype=torch.float64).to(dtype).requires_grad_()
+    weight = (torch.randn(VOCAB, HIDDEN, dtype=torch.float64) / 2).to(dtype).requires_grad_()
+    bias = torch.randn(VOCAB, dtype=torch.float64).to(dtype).requires_grad_() if with_bias else None
+    labels = torch.randint(0, VOCAB, (n_seqs, POSITIONS))
+    labels[:, :2] = -100  # the prompt
+    labels[0, 5:] = -100  # pairs of different lengths
+    labels[n_seqs - 1, 3:] = -100
+    refs = (-torch.rand(n_seqs // 2, dtype=torch.float64) * 60).to(dtype)
+    return hidden, weight, bias, labels, refs, (refs - 3).to(dtype)
+
+
+def reference_loss(hidden, weight, bias, labels, ref_c, ref_r, chosen_idx, rejected_idx, *, ld_alpha=None,
+                   use_weighting=False, head=None, **options):  # fmt: skip
+    """TRL's DPO loss on the fp64 reference log-probs: returns (loss, chosen_rewards, rejected_rewards)."""
+    head = head or {}
+    logits = ref.linear_logits(hidden, weight, bias)
+    tok = ref.token_logps(logits, labels, **head)
+    pair_labels = torch.cat([labels[chosen_idx], labels[rejected_idx]])
+    pair_tok = torch.cat([tok[chosen_idx], tok[rejected_idx]])
+    if ld_alpha is None:
+        seq = pair_tok.sum(-1)
+    else:
+        seq = ref.ld_sequence_logps(pair_tok, pair_labels, ld_alpha)
+    pc, pr = seq.chunk(2)
+    lengths = (pair_labels != -100).sum(-1)
+    pair_weights = None
+    if use_weighting:
+        pair_logits = torch.cat([logits[chosen_idx], logits[rejected_idx]])
+        pair_weights = ref.wpo_weights_from_logits(ref.transform_logits(pair_logits, **head), pair_labels)
+    alpha = options.pop("f_alpha_divergence_coef", 1.0)
+    losses, rewards_c, rewards_r = ref.dpo_pair_losses(
+        pc, pr, ref_c, ref_r, chosen_lengths=lengths[: len(pc)], rejected_lengths=lengths[len(pc):],
+        pair_weights=pair_weights, alpha=alpha, **options,
+    )  # fmt: skip
+    return losses.mean(), rewards_c, rewards_r, pc, pr
+
+
+def check_against_reference(dtype, batch, chosen_idx, rejected_idx, kwargs, name):
+    hidden, weight, bias, labels, ref_c, ref_r = batch
+    pairs = None if kwargs.pop("explicit_pairs", False) is False else (chosen_idx, rejected_idx)
+    out = fastpref.linear_dpo_loss(hidden, weight, labels, ref_c, ref_r, bias=bias, pairs=pairs, **kwargs)
+    ref_kwargs = {k: v for k, v in kwargs.items() if k not in ("memory_budget", "softcap", "temperature")}
+    head = {k: kwargs[k] for k in ("softcap", "temperature") if k in kwargs}
+    want = reference_loss(hidden, weight, bias, labels, ref_c, ref_r, chosen_idx, rejected_idx, head=head, **ref_kwargs)
+    rtol, atol = VS_FP64[dtype]
+    for field, got, expected in zip(("loss", "chosen_rewards", "rejected_rewards", "chosen_logps", "rejected_logps"), out, want):
+        assert_close(got, expected, rtol=rtol, atol=atol, name=f"{name} {field}")
+    assert out.loss.dtype == torch.promote_types(dtype, torch.float32)
+    inputs = (hidden, weight, bias)
+    upstream = 1.7  # the loss is a scalar: its upstream gradient is any number but 1
+    got = torch.autograd.grad(out.loss, inputs, torch.tensor(upstream, dtype=out.loss.dtype))
+    expected = torch.autograd.grad(want[0], inputs, torch.tensor(upstream, dtype=torch.float64))
+    for input_name, g, w in zip(("hidden", "weight", "bias"), got, expected):
+        assert g.dtype == dtype
+        assert_close(g, w, rtol=rtol, atol=atol, name=f"{name} grad {input_name}")
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("loss_type", list(LOSS_TYPES))
+def test_every_loss_type_in_every_mode(path_log, mode, loss_type):
+    dtype = torch.float64
+    batch = make_batch(dtype)
+    kwargs = {"loss_type": loss_type, "beta": 0.3, "memory_budget": MODES[mode](dtype)}
+    if loss_type in NEEDS_SMOOTHING:
+        kwargs["label_smoothing"] = NEEDS_SMOOTHING[loss_type]
+    chosen, rejected = torch.arange(PAIRS), torch.arange(PAIRS, 2 * PAIRS)
+    check_against_reference(dtype, batch, chosen, rejected, kwargs, loss_type)
+    batch_coupled = loss_type in ("aot", "aot_unpaired")
+    if mode == "two_pass" or batch_coupled:
+        assert path_log == {"chunks": 0, "two_pass": 1}
+    else:
+        assert path_log["two_pass"] == 0
+        assert path_log["chunks"] == (1 if mode == "one_chunk" else PAIRS)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_options_together(path_log, mode, dtype):
+    """Several loss types with weights, ld_alpha, WPO weighting, softcap and temperature at once."""
+    batch = make_batch(dtype)
+    kwargs = {
+        "loss_type": ["sigmoid", "ipo", "sft", "bco_pair"],
+        "loss_weights": [0.8, 0.3, 0.2, 1.1],
+        "ld_alpha": 0.4,
+        "use_weighting": True,
+        "softcap": 8.0,
+        "temperature": 0.9,
+        "memory_budget": MODES[mode](dtype),
+    }
+    check_against_reference(dtype, batch, torch.arange(PAIRS), torch.arange(PAIRS, 2 * PAIRS), kwargs, "mixed")
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_pairs_index_sequences_in_any_order(path_log, mode):
+    """The DPO paper's indexing: one sequence may sit in several pairs, on either side."""
+    dtype = torch.float64
+    hidden, weight, bias, labels, _, _ = make_batch(dtype, n_seqs=5)
+    chosen, rejected = torch.tensor([0, 0, 1, 3]), torch.tensor([1, 2, 2, 4])
+    refs = -torch.rand(4, dtype=dtype) * 50
+    batch = (hidden, weight, bias, labels, refs, refs - 2)
+    kwargs = {"explicit_pairs": True, "memory_budget": MODES[mode](dtype), "f_divergence_type": "js_divergence"}
+    check_against_reference(dtype, batch, chosen, rejected, kwargs, "pairs")
+
+
+def test_frozen_head_and_reference_free():
+    hidden, weight, _, labels, _, _ = make_batch(torch.float32, with_bias=False)
+    weight.requires_grad_(False)
+    out = fastpref.linear_dpo_loss(hidden, weight, labels, None, None, loss_type="sigmoid", reference_free=True)
+    out.loss.backward()
+    assert weight.grad is None and hidden.grad is not None and torch.isfinite(hidden.grad).all()
+    torch.testing.assert_close(out.chosen_rewards, 0.1 * out.chosen_logps)
+
+
+def test_all_masked_completion_gives_finite_loss_and_zero_grad_rows():
+    hidden, weight, bias, labels, ref_c, ref_r = make_batch(torch.float32)
+    labels[1] = -100
+    out = fastpref.linear_dpo_loss(hidden, weight, labels, ref_c, ref_r, bias=bias, loss_type="sigmoid_norm")
+    out.loss.backward()
+    assert torch.isfinite(out.loss) and out.chosen_logps[1] == 0
+    assert (hidden.grad[1] == 0).all() and torch.isfinite(weight.grad).all()
+
+
+def test_gradcheck_float64():
+    hidden, weight, bias, labels, ref_c, ref_r = make_batch(torch.float64)
+    weight = weight[:37].detach().requires_grad_()
+    bias = bias[:37].detach().requires_grad_()
+    labels = labels % 37
+    labels[:, :2] = -100
+
+    def loss(h, w, b):
+        return fastpref.linear_dpo_loss(h, w, labels, ref_c, ref_r, bias=b, loss_type="ipo", softcap=5.0).loss
+
+    assert torch.autograd.gradcheck(loss, (hidden, weight, bias))
+
+
+BAD_INPUTS = [
+    (lambda b: {"hidden": b["hidden"][:5]}, ValueError, "chosen-then-rejected"),
+    (lambda b: {"pairs": (torch.tensor([0, 9]), torch.tensor([1, 2]))}, ValueError, r"pairs\[0\]"),
+    (lambda b: {"pairs": (torch.tensor([0.0]), torch.tensor([1]))}, TypeError, r"pairs\[0\]"),
+    (lambda b: {"pairs": torch.tensor([0, 1])}, TypeError, "pairs"),
+    (lambda b: {"ref_chosen_logps": b["ref_chosen_logps"][:2]}, ValueError, "ref_chosen_logps"),
+    (lambda b: {"memory_budget": 0}, ValueError, "memory_budget"),
+    (lambda b: {"ld_alpha": 1.5}, ValueError, "ld_alpha"),
+    (lambda b: {"use_weighting": 1}, TypeError, "use_weighting"),
+    (lambda b: {"use_weighting": True, "loss_type": "aot"}, ValueError, "use_weighting"),
+    (lambda b: {"loss_type": "dpo"}, ValueError, "loss_type"),
+    (lambda b: {"beta": 0.0}, ValueError, "beta"),
+    (lambda b: {"label_smoothing": 0.5}, ValueError, "label_smoothing"),
+    (lambda b: {"weight": b["weight"][:, :5]}, ValueError, "weight's H"),
+    (lambda b: {"weight": b["weight"].double()}, TypeError, "weight"),
+    (lambda b: {"labels": b["labels"].float()}, TypeError, "labels"),
+    (lambda b: {"labels": b["labels"] + VOCAB}, ValueError, "labels"),
+    (lambda b: {"hidden": b["hidden"][0]}, ValueError, "hidden"),
+]
+
+
+@pytest.mark.parametrize("change, error, match", BAD_INPUTS)
+def test_bad_input_names_the_argument(change, error, match):
+    hidden, weight, bias, labels, ref_c, ref_r = make_batch(torch.float32)
+    args = {"hidden": hidden, "weight": weight, "labels": labels, "ref_chosen_logps": ref_c, "ref_rejected_logps": ref_r}
+    args.update(change(args))
+    with pytest.raises(error, match=match):
+        fastpref.linear_dpo_loss(**args)
