@@ -80,3 +80,19 @@ def check_leading_batch(name: str, value, *, listwise: bool = False) -> int:
         wanted = "(B, K) with B >= 1, K >= 2" if listwise else "(B,) with B >= 1"
         raise ValueError(f"{name} must have shape {wanted}, got {tuple(value.shape)}")
     return value.shape[0]
+
+
+def check_count(name: str, value, *, minimum: int = 0, allow_tensor: bool = False) -> None:
+    """Raise unless `value` is a Python int >= minimum (bool excluded), or, if `allow_tensor`, a 0-dim
+    real (integer or floating, not bool) tensor; a tensor's value is not read (no device sync)."""
+    if allow_tensor and isinstance(value, torch.Tensor):
+        if value.dim() != 0:
+            raise ValueError(f"{name} must be an int or a 0-dim tensor, got shape {tuple(value.shape)}")
+        if value.is_complex() or value.dtype == torch.bool:
+            raise TypeError(f"{name} must be a real-valued tensor, got dtype {value.dtype}")
+        return
+    if not isinstance(value, int) or isinstance(value, bool):
+        kinds = "an int or a 0-dim tensor" if allow_tensor else "an int"
+        raise TypeError(f"{name} must be {kinds}, got {type(value).__name__}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")

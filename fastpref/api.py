@@ -57,11 +57,14 @@ def _stats(stats: torch.Tensor) -> TokenStats:
     return TokenStats(stats[0], stats[1].bool(), stats[2], stats[3])
 
 
-def token_logps(logits, labels, *, ignore_index=-100, temperature=1.0, softcap=None, return_stats=False):
+def token_logps(
+    logits, labels, *, ignore_index=-100, temperature=1.0, softcap=None, return_stats=False, inplace_backward=False
+):
     """log p(label) per position, never holding an fp32 copy of the logits.
 
     logits (..., V) float, labels (...) int -> (...) float32; with return_stats=True,
-    (logps, TokenStats) from the same pass.
+    (logps, TokenStats) from the same pass. inplace_backward=True writes the gradient into the
+    logits' own storage (no memory beyond lse): only when nothing else reads those logits later.
     """
     check_tensor("logits", logits, floating=True)
     if logits.dim() < 1 or logits.shape[-1] == 0:
@@ -69,7 +72,9 @@ def token_logps(logits, labels, *, ignore_index=-100, temperature=1.0, softcap=N
     check_same_device(logits=logits, labels=labels)
     params = head_params(ignore_index, temperature, softcap)
     check_labels(labels, logits.shape[:-1], logits.shape[-1], params.ignore_index, "logits.shape[:-1]")
-    logps, stats = TokenLogps.apply(logits, labels, params, return_stats)
+    if not isinstance(inplace_backward, bool):
+        raise TypeError(f"inplace_backward must be a bool, got {type(inplace_backward).__name__}")
+    logps, stats = TokenLogps.apply(logits, labels, params, return_stats, inplace_backward)
     return (logps, _stats(stats)) if return_stats else logps
 
 
@@ -137,14 +142,22 @@ def _reduce(per_token, labels, ignore_index, reduction):
     return masked_sum(per_token, mask) if reduction == "sum" else masked_mean(per_token, mask)
 
 
-def sequence_logps(logits, labels, *, reduction="sum", ignore_index=-100, temperature=1.0, softcap=None):
-    """Sum (or mean) of token log-probs per sequence: (B, T, V), (B, T) -> (B,) float32."""
+def sequence_logps(
+    logits, labels, *, reduction="sum", ignore_index=-100, temperature=1.0, softcap=None, inplace_backward=False
+):
+    """Sum (or mean) of token log-probs per sequence: (B, T, V), (B, T) -> (B,) float32.
+    inplace_backward as in `token_logps`."""
     check_choice("reduction", reduction, ("sum", "mean"))
     check_tensor("logits", logits, floating=True)
     if logits.dim() != 3:
         raise ValueError(f"logits must be (B, T, V), got shape {tuple(logits.shape)}")
     per_token = token_logps(
-        logits, labels, ignore_index=ignore_index, temperature=temperature, softcap=softcap
+        logits,
+        labels,
+        ignore_index=ignore_index,
+        temperature=temperature,
+        softcap=softcap,
+        inplace_backward=inplace_backward,
     )
     return _reduce(per_token, labels, ignore_index, reduction)
 

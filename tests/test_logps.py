@@ -218,3 +218,16 @@ def test_masked_sum_and_mean():
     poisoned[~mask] = float("nan")
     assert torch.isfinite(fastpref.masked_sum(poisoned, mask)).all()
     assert fastpref.masked_mean(values, mask)[3] == 0
+
+
+def test_inplace_backward_writes_the_gradient_into_the_logits(backend):
+    base = torch.randn(3, 5, 301) * 3
+    labels = make_labels((3, 5), 301)
+    expected_logits = base.clone().requires_grad_()
+    upstream = torch.randn(3)
+    fastpref.sequence_logps(expected_logits, labels).backward(upstream)
+    leaf = base.clone().requires_grad_()
+    logits = leaf * 1.0  # a non-leaf, as a model's output is
+    fastpref.sequence_logps(logits, labels, inplace_backward=True).backward(upstream)
+    assert_close(leaf.grad, expected_logits.grad, rtol=1e-5, atol=1e-7, name="grad")
+    assert_close(logits.detach(), expected_logits.grad, rtol=1e-5, atol=1e-7, name="logits' storage")

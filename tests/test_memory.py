@@ -66,3 +66,17 @@ def test_logits_path_allocates_only_the_gradient():
     assert [op for op, numel, dt in log.outputs if numel >= n_by_v and dt == torch.float32] == []
     big = [dt for _, numel, dt in log.outputs if numel >= n_by_v]
     assert big and set(big) == {torch.bfloat16}  # the gradient, in the logits' dtype
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_logits_path_in_place_allocates_nothing_of_n_by_v(monkeypatch, backend):
+    monkeypatch.setenv("FASTPREF_BACKEND", backend)
+    leaf = torch.randn(N_SEQS, N_POS, VOCAB, requires_grad=True)
+    logits = leaf * 1.0  # allocated before the log: the model's output
+    labels = torch.randint(0, VOCAB, (N_SEQS, N_POS))
+    labels[0] = -100
+    with AllocationLog() as log:
+        out = fastpref.sequence_logps(logits, labels, inplace_backward=True)
+        torch.autograd.grad(out, logits, torch.randn(N_SEQS))
+    n_by_v = N_SEQS * N_POS * VOCAB
+    assert log.largest() < n_by_v // 4

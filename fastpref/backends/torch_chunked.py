@@ -195,14 +195,18 @@ def logits_forward(logits, labels, params: HeadParams, with_stats: bool):
     return _scatter_outputs(labels, pos, *_fold_forward(tile, y, logits.shape[-1], like, params, with_stats))
 
 
-def logits_backward(logits, labels, lse, grad_logps, params: HeadParams) -> torch.Tensor:
+def logits_backward(logits, labels, lse, grad_logps, params: HeadParams, in_place: bool = False) -> torch.Tensor:
     """Gradient of Σ grad_logps·logps w.r.t. logits: (..., V) in the logits' dtype, zero rows at
-    ignored positions."""
+    ignored positions; written into the logits' own storage when in_place."""
     pos = _valid_positions(labels, params.ignore_index)
     y, lse, g = labels[pos], lse[(slice(None), *pos)], grad_logps[pos]
     cdt = compute_dtype(logits.dtype)
     g = g.to(cdt)
-    grad = torch.zeros(logits.shape, dtype=logits.dtype, device=logits.device)
+    if in_place:
+        grad = logits
+        grad[labels == params.ignore_index] = 0
+    else:
+        grad = torch.zeros(logits.shape, dtype=logits.dtype, device=logits.device)
     n, n_cols = y.numel(), logits.shape[-1]
     cols = min(n_cols, VOCAB_CHUNK)
     for r0, r1 in _spans(n, rows_per_tile(cols, logits.dtype, params)):

@@ -17,6 +17,6 @@ def logits_forward(logits, labels, params: HeadParams, with_stats: bool):
     return backend.logits_forward(logits, labels, params, with_stats)
 
 
-def logits_backward(logits, labels, lse, grad_logps, params: HeadParams):
+def logits_backward(logits, labels, lse, grad_logps, params: HeadParams, in_place: bool = False):
     backend = torch_chunked if logits.dtype == torch.float64 else kernels
-    return backend.logits_backward(logits, labels, lse, grad_logps, params)
+    return backend.logits_backward(logits, labels, lse, grad_logps, params, in_place)

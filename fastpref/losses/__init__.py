@@ -1,6 +1,7 @@
 """Preference losses on per-sequence log-probs: pure torch, shared by the plain and the fused paths."""
 
 from fastpref.losses.dpo import (
+    F_DIVERGENCE_LOSS_TYPES,
     LOSS_TYPES,
     PreferenceOutput,
     check_dpo_options,
@@ -15,6 +16,7 @@ from fastpref.losses.reward import bt_loss
 from fastpref.losses.weighting import ld_token_weights, wpo_weights
 
 __all__ = [
+    "F_DIVERGENCE_LOSS_TYPES",
     "LOSS_TYPES",
     "PreferenceOutput",
     "bt_loss",

@@ -1,13 +1,13 @@
 """DPO-family pairwise losses on per-sequence log-probs, as TRL's DPOTrainer computes them.
 
-Source: TRL main at 1.10.0.dev0 (commit f2cd577, the newest release line; there is no 1.16),
-`DPOTrainer._compute_loss`. Every loss maps (B,) per-sequence log-probs to (B,) per-pair losses;
-the batch loss is their mean. Each `loss_type` is one small function over `_PairBatch`, looked up
-in `LOSS_TYPES`; the fused path calls `dpo_pair_losses` on a chunk of pairs.
+Source: TRL 1.16.0, `DPOTrainer.__init__` (option checks) and `DPOTrainer._compute_loss`, with the defaults
+of `DPOConfig`. Every loss maps (B,) per-sequence log-probs to (B,) per-pair losses; the batch loss is
+their mean. Each `loss_type` is one small function over `_PairBatch`, looked up in `LOSS_TYPES`; the fused
+path calls `dpo_pair_losses` on a chunk of pairs, passing the batch totals that 'sft' needs.
 
-Two options TRL dropped in its v0.29 rewrite are kept, with TRL v0.28's meaning:
-`reference_free` (the reference log-probs are taken as 0) and the BCO reward shift `bco_delta`
-(TRL v0.28 kept a running mean; TRL main uses no shift, which is `bco_delta=0.0`).
+Two options that TRL 1.16 does not have are kept: `reference_free` (the reference log-probs are taken
+as 0, TRL v0.28's meaning) and the BCO reward shift `bco_delta` (TRL v0.28 shifted by a running mean;
+TRL 1.16 has no shift, which is the default `bco_delta=None`).
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from torch import Tensor
 from fastpref._checks import (
     check_batch_vector,
     check_choice,
+    check_count,
     check_interval,
     check_leading_batch,
     check_number,
@@ -56,12 +57,14 @@ class _PairBatch:
     ref_rejected_logps: Tensor
     chosen_scores: Tensor  # f-divergence transform of the log-ratios (the log-ratios for reverse_kl)
     rejected_scores: Tensor
-    chosen_lengths: Tensor | None  # completion token counts, in the log-probs' dtype
+    chosen_lengths: Tensor | None  # completion token counts, as given
     rejected_lengths: Tensor | None
     beta: float
     label_smoothing: float
     discopop_tau: float
-    bco_delta: Tensor | float | None
+    bco_delta: Tensor | float  # 0.0 when not given
+    batch_chosen_tokens: Tensor | int | None  # sft's totals over the whole batch; None: this call's
+    batch_pairs: int | None
 
     @property
     def chosen_logratios(self) -> Tensor:
@@ -78,34 +81,48 @@ class _PairBatch:
     @property
     def length_normalised_delta(self) -> Tensor:
         """s_c / n_c - s_r / n_r, each count clamped to >= 1 as TRL does."""
-        chosen_average = self.chosen_scores / self.chosen_lengths.clamp(min=1)
-        return chosen_average - self.rejected_scores / self.rejected_lengths.clamp(min=1)
+        # TRL divides by float32 counts (`mask.sum(1).clamp(min=1.0)`): exact up to 2^24 tokens, and a
+        # float16 / bfloat16 score comes out float32, as there.
+        chosen_average = self.chosen_scores / _counts(self.chosen_lengths, self.chosen_scores)
+        return chosen_average - self.rejected_scores / _counts(self.rejected_lengths, self.rejected_scores)
 
 
-# --- f-divergences: log-ratio u -> score f'(exp u), constants dropped (f-DPO, Wang et al. 2023) ---
+def _wide(dtype: torch.dtype) -> torch.dtype:
+    """float32, or the dtype itself when wider: where TRL computes in float32."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def _counts(lengths: Tensor, like: Tensor) -> Tensor:
+    """Token counts in float32 (or `like`'s wider dtype), clamped to >= 1."""
+    return lengths.to(_wide(like.dtype)).clamp(min=1)
+
+
+# --- f-divergences: log-ratio u -> score f'(exp u), TRL's chosen_scores / rejected_scores (f-DPO, Wang et al. 2023) ---
 
 
 def _reverse_kl(logratios: Tensor, alpha: float) -> Tensor:
-    return logratios
+    return logratios  # f'(t) = log t
 
 
 def _forward_kl(logratios: Tensor, alpha: float) -> Tensor:
-    return -torch.exp(-logratios)  # f'(t) = 1 - 1/t
+    return 1 - torch.exp(-logratios)  # f'(t) = 1 - 1/t
 
 
 def _js_divergence(logratios: Tensor, alpha: float) -> Tensor:
-    return F.logsigmoid(logratios)  # f'(t) = log(2t / (1 + t)), log 2 dropped
+    return math.log(2) + F.logsigmoid(logratios)  # f'(t) = log(2t / (1 + t))
 
 
 def _alpha_divergence(logratios: Tensor, alpha: float) -> Tensor:
-    """f'(t) = (t^(alpha-1) - 1) / (alpha - 1), -1 dropped; alpha = 1 is reverse KL (TRL's 1e-6 test)."""
+    """f'(t) = (t^(alpha-1) - 1) / (alpha - 1); |alpha - 1| < 1e-6 is reverse KL, as TRL."""
     if abs(alpha - 1.0) < 1e-6:
         return logratios
     exponent = (alpha - 1.0) * logratios
-    # TRL clamps the exponent in fp32 (at 11 for fp16, 80 otherwise) so exp() stays representable.
+    # As TRL: the exponent clamped in float32 (at 11 for float16, 80 otherwise) so that exp() stays
+    # representable after the cast back, and the result scaled by 1 / (alpha - 1) in the input dtype.
+    # (TRL has no float64 entry in its clamp table; float64 is clamped at 80 and computed in float64 here.)
     clamp_max = 11.0 if exponent.dtype == torch.float16 else 80.0
-    wide = exponent.to(torch.promote_types(exponent.dtype, torch.float32))
-    return torch.exp(wide.clamp(max=clamp_max)).to(exponent.dtype) / (alpha - 1.0)
+    wide = exponent.to(_wide(exponent.dtype)).clamp(max=clamp_max)
+    return (torch.exp(wide) - 1.0).to(exponent.dtype) * (1.0 / (alpha - 1.0))
 
 
 F_DIVERGENCES: dict[str, Callable[[Tensor, float], Tensor]] = {
@@ -142,15 +159,17 @@ def _ipo(p: _PairBatch) -> Tensor:
 
 def _exo_pair(p: _PairBatch) -> Tensor:
     """EXO (Ji et al. 2024, Eq. 16): KL(softmax(beta * scores) || [1 - e, e]) over {chosen, rejected}."""
-    logits, eps = p.beta * p.delta_score, p.label_smoothing
-    chosen_term = torch.sigmoid(logits) * (F.logsigmoid(logits) - math.log1p(-eps))
-    rejected_term = torch.sigmoid(-logits) * (F.logsigmoid(-logits) - math.log(eps))
+    logits = p.beta * p.delta_score
+    # TRL takes log(1 - e) and log(e) of a float32 0-dim tensor (kept at float64 for float64 inputs).
+    eps = torch.tensor(p.label_smoothing, dtype=_wide(logits.dtype), device=logits.device)
+    chosen_term = torch.sigmoid(logits) * (F.logsigmoid(logits) - torch.log1p(-eps))
+    rejected_term = torch.sigmoid(-logits) * (F.logsigmoid(-logits) - torch.log(eps))
     return chosen_term + rejected_term
 
 
 def _nca_pair(p: _PairBatch) -> Tensor:
-    """NCA (Chen et al. 2024): -log s(r_c) - 0.5 log s(-r_c) - 0.5 log s(-r_r), r = beta * score."""
-    chosen, rejected = p.beta * p.chosen_scores, p.beta * p.rejected_scores
+    """NCA (Chen et al. 2024): -log s(r_c) - 0.5 log s(-r_c) - 0.5 log s(-r_r), r = beta * log-ratio."""
+    chosen, rejected = p.beta * p.chosen_logratios, p.beta * p.rejected_logratios
     return -F.logsigmoid(chosen) - 0.5 * F.logsigmoid(-chosen) - 0.5 * F.logsigmoid(-rejected)
 
 
@@ -161,23 +180,21 @@ def _robust(p: _PairBatch) -> Tensor:
 
 
 def _bco_pair(p: _PairBatch) -> Tensor:
-    """BCO (Jung et al. 2024): -log s(r_c - delta) - log s(-(r_r - delta)), r = beta * score."""
-    chosen, rejected = p.beta * p.chosen_scores, p.beta * p.rejected_scores
-    delta = p.bco_delta
-    if delta is None:  # TRL v0.28's running mean after one step: this batch's mean reward (couples the batch)
-        delta = torch.cat([chosen, rejected]).mean().detach()
-    return -F.logsigmoid(chosen - delta) - F.logsigmoid(-(rejected - delta))
+    """BCO (Jung et al. 2024): -log s(r_c - delta) - log s(-(r_r - delta)), r = beta * log-ratio.
+
+    delta = bco_delta, 0 when not given: TRL 1.16's bco_pair, which has no reward shift."""
+    chosen, rejected = p.beta * p.chosen_logratios, p.beta * p.rejected_logratios
+    return -F.logsigmoid(chosen - p.bco_delta) - F.logsigmoid(-(rejected - p.bco_delta))
 
 
 def _sppo_hard(p: _PairBatch) -> Tensor:
-    """SPPO with hard labels (Wu et al. 2024, Eq. 4.7, P = 1 / 0): (s_c - 1/(2 beta))^2 + (s_r + 1/(2 beta))^2."""
-    return (p.chosen_scores - 0.5 / p.beta) ** 2 + (p.rejected_scores + 0.5 / p.beta) ** 2
+    """SPPO with hard labels (Wu et al. 2024, Eq. 4.7, P = 1 / 0): (u_c - 1/(2 beta))^2 + (u_r + 1/(2 beta))^2."""
+    return (p.chosen_logratios - 0.5 / p.beta) ** 2 + (p.rejected_logratios + 0.5 / p.beta) ** 2
 
 
 def _aot(p: _PairBatch) -> Tensor:
     """AOT paired (Melnyk et al. 2024): smoothed sigmoid of beta * (sort(policy margins) - sort(ref margins))."""
-    # Sorting pairs the i-th smallest policy margin with the i-th smallest reference one, across the batch;
-    # TRL uses the raw log-probs here, not the f-divergence scores.
+    # Sorting pairs the i-th smallest policy margin with the i-th smallest reference one, across the batch.
     policy_margins, _ = torch.sort(p.chosen_logps - p.rejected_logps)
     ref_margins, _ = torch.sort(p.ref_chosen_logps - p.ref_rejected_logps)
     return _smoothed_sigmoid(p.beta * (policy_margins - ref_margins), p.label_smoothing)
@@ -196,9 +213,9 @@ def _apo_zero(p: _PairBatch) -> Tensor:
 
 
 def _apo_down(p: _PairBatch) -> Tensor:
-    """APO-down (Eq. 8): s(beta u_c) + 1 - s(beta * delta)."""
-    # TRL mixes the raw chosen log-ratio with the f-divergence score margin.
-    return torch.sigmoid(p.beta * p.chosen_logratios) + 1 - torch.sigmoid(p.beta * p.delta_score)
+    """APO-down (Eq. 8): s(beta u_c) + 1 - s(beta (u_c - u_r)), u = raw log-ratios."""
+    margin = p.chosen_logratios - p.rejected_logratios
+    return torch.sigmoid(p.beta * p.chosen_logratios) + 1 - torch.sigmoid(p.beta * margin)
 
 
 def _discopop(p: _PairBatch) -> Tensor:
@@ -209,12 +226,22 @@ def _discopop(p: _PairBatch) -> Tensor:
 
 
 def _sft(p: _PairBatch) -> Tensor:
-    """NLL of the chosen completions: token mean over the whole batch, the same value for every pair."""
-    # As TRL's cross_entropy over all chosen completion tokens, so it couples the batch; the token count is
-    # clamped to 1 where TRL would return NaN for a batch without completion tokens. TRL takes the plain
+    """NLL of the chosen completions, pair i's share of TRL's token mean: -l_c[i] * P / N.
+
+    N = batch_chosen_tokens and P = batch_pairs, the whole batch's chosen completion tokens and pairs
+    (this call's sum(chosen_lengths) and B when not given), so that the mean over the whole batch of the
+    per-pair values is TRL's -mean(chosen token log-probs), while each pair's value reads only that pair.
+    """
+    # N is clamped to 1 where TRL would return NaN for a batch without completion tokens. TRL takes the plain
     # token log-probs here: with ld_alpha weighting, chosen_logps are not them.
-    total_tokens = p.chosen_lengths.sum().clamp(min=1)
-    return (-p.chosen_logps.sum() / total_tokens).expand_as(p.chosen_logps)
+    tokens = p.chosen_lengths.sum() if p.batch_chosen_tokens is None else p.batch_chosen_tokens
+    pairs = p.chosen_logps.shape[0] if p.batch_pairs is None else p.batch_pairs
+    wide = _wide(p.chosen_logps.dtype)
+    if isinstance(tokens, Tensor):
+        scale = pairs / tokens.to(device=p.chosen_logps.device, dtype=wide).clamp(min=1)
+    else:
+        scale = torch.tensor(pairs / max(tokens, 1), dtype=wide, device=p.chosen_logps.device)
+    return -p.chosen_logps * scale
 
 
 def _sigmoid_norm(p: _PairBatch) -> Tensor:
@@ -229,29 +256,33 @@ class _LossSpec(NamedTuple):
     needs_reference: bool = True
     lengths: tuple[str, ...] = ()  # names of the length arguments it reads
     batch_coupled: bool = False  # a pair's loss depends on the other pairs' log-probs
+    f_divergence: bool = False  # TRL 1.16 accepts a non-default f_divergence_type with it
 
 
 _BOTH_LENGTHS = ("chosen_lengths", "rejected_lengths")
 
 LOSS_TYPES: dict[str, _LossSpec] = {
-    "sigmoid": _LossSpec(_sigmoid),
-    "hinge": _LossSpec(_hinge),
-    "ipo": _LossSpec(_ipo, lengths=_BOTH_LENGTHS),
-    "exo_pair": _LossSpec(_exo_pair),
+    "sigmoid": _LossSpec(_sigmoid, f_divergence=True),
+    "hinge": _LossSpec(_hinge, f_divergence=True),
+    "ipo": _LossSpec(_ipo, lengths=_BOTH_LENGTHS, f_divergence=True),
+    "exo_pair": _LossSpec(_exo_pair, f_divergence=True),
     "nca_pair": _LossSpec(_nca_pair),
-    "robust": _LossSpec(_robust),
-    "bco_pair": _LossSpec(_bco_pair),  # batch-coupled unless bco_delta is given: see is_batch_coupled
+    "robust": _LossSpec(_robust, f_divergence=True),
+    "bco_pair": _LossSpec(_bco_pair),
     "sppo_hard": _LossSpec(_sppo_hard),
     "aot": _LossSpec(_aot, batch_coupled=True),
     "aot_unpaired": _LossSpec(_aot_unpaired, batch_coupled=True),
     "apo_zero": _LossSpec(_apo_zero),
     "apo_down": _LossSpec(_apo_down),
-    "discopop": _LossSpec(_discopop),
-    "sft": _LossSpec(_sft, needs_reference=False, lengths=("chosen_lengths",), batch_coupled=True),
-    "sigmoid_norm": _LossSpec(_sigmoid_norm, lengths=_BOTH_LENGTHS),
+    "discopop": _LossSpec(_discopop, f_divergence=True),
+    "sft": _LossSpec(_sft, needs_reference=False, lengths=("chosen_lengths",), f_divergence=True),
+    "sigmoid_norm": _LossSpec(_sigmoid_norm, lengths=_BOTH_LENGTHS, f_divergence=True),
 }
 
 _SORTING_LOSS_TYPES = ("aot", "aot_unpaired")
+# TRL 1.16: the loss types built on the chosen - rejected score margin, the only ones a non-default
+# f_divergence_type may be used with (the f-DPO reparameterization's beta log Z(x) cancels only there).
+F_DIVERGENCE_LOSS_TYPES = tuple(name for name, spec in LOSS_TYPES.items() if spec.f_divergence)
 
 
 # --- validation ---
@@ -287,13 +318,15 @@ def check_dpo_options(
     label_smoothing: float = 0.0,
     reference_free: bool = False,
     f_divergence_type: str = "reverse_kl",
-    f_alpha_divergence_coef: float = 1.0,
+    f_alpha_divergence_coef: float = 0.5,
     discopop_tau: float = 0.05,
     bco_delta: Tensor | float | None = None,
 ) -> None:
     """Validate the scalar options of `dpo_loss`; each error names the argument at fault.
 
-    label_smoothing must lie in [0, 0.5) (Robust DPO divides by 1 - 2e) and be > 0 for exo_pair (TRL).
+    As TRL 1.16's DPOConfig / DPOTrainer: loss_weights one per loss_type; label_smoothing > 0 for exo_pair;
+    a non-default f_divergence_type only with loss types in F_DIVERGENCE_LOSS_TYPES. Stricter than TRL:
+    label_smoothing must lie in [0, 0.5) for every loss type (TRL only warns, for robust, which divides by 1 - 2e).
     """
     names = _loss_type_names(loss_type)
     _loss_weight_values(loss_weights, len(names))
@@ -304,6 +337,12 @@ def check_dpo_options(
     if not isinstance(reference_free, bool):
         raise TypeError(f"reference_free must be a bool, got {type(reference_free).__name__}")
     check_choice("f_divergence_type", f_divergence_type, F_DIVERGENCES)
+    if f_divergence_type != "reverse_kl" and not set(names) <= set(F_DIVERGENCE_LOSS_TYPES):
+        raise ValueError(
+            f"f_divergence_type={f_divergence_type!r} is only supported for loss types "
+            f"{sorted(F_DIVERGENCE_LOSS_TYPES)}, got loss_type {list(names)}; use f_divergence_type='reverse_kl' "
+            "with these losses (as TRL: the other losses have no valid f-divergence generalization)"
+        )
     check_number("f_alpha_divergence_coef", f_alpha_divergence_coef)
     check_positive("discopop_tau", discopop_tau)
     if isinstance(bco_delta, Tensor):
@@ -315,7 +354,7 @@ def check_dpo_options(
         check_number("bco_delta", bco_delta)
 
 
-def _check_dpo_tensors(names, reference_free, policy, refs, lengths, pair_weights, bco_delta) -> None:
+def _check_dpo_tensors(names, reference_free, policy, refs, lengths, pair_weights, bco_delta, batch_totals) -> None:
     """Validate the tensor arguments (dicts name -> value) against what the loss types in `names` need."""
     batch = check_leading_batch("policy_chosen_logps", policy["policy_chosen_logps"])
     for name, value in policy.items():
@@ -339,24 +378,41 @@ def _check_dpo_tensors(names, reference_free, policy, refs, lengths, pair_weight
         check_batch_vector("pair_weights", pair_weights, batch)
         if any(n in _SORTING_LOSS_TYPES for n in names):
             raise ValueError("pair_weights cannot be used with 'aot' / 'aot_unpaired', which sort pairs (as TRL)")
+    tokens, pairs = batch_totals
+    if (tokens is None) != (pairs is None):
+        raise ValueError("batch_chosen_tokens and batch_pairs must be given together (or both left None)")
+    if tokens is not None:
+        check_count("batch_chosen_tokens", tokens, allow_tensor=True)
+        check_count("batch_pairs", pairs, minimum=batch)
+        if pair_weights is not None and "sft" in names and pairs != batch:
+            raise ValueError(
+                "pair_weights cannot be used with loss_type 'sft' on part of a batch (batch_pairs "
+                f"{pairs} > {batch} pairs here): TRL scales the batch's SFT loss by the mean pair weight of the "
+                "whole batch, so compute it on the whole batch"
+            )
     delta_tensor = bco_delta if isinstance(bco_delta, Tensor) else None
-    check_same_device(**policy, **refs, **lengths, pair_weights=pair_weights, bco_delta=delta_tensor)
+    tokens_tensor = tokens if isinstance(tokens, Tensor) else None
+    check_same_device(
+        **policy,
+        **refs,
+        **lengths,
+        pair_weights=pair_weights,
+        bco_delta=delta_tensor,
+        batch_chosen_tokens=tokens_tensor,
+    )
 
 
 # --- public functions ---
 
 
-def is_batch_coupled(loss_type: str | Sequence[str], bco_delta: Tensor | float | None = None) -> bool:
-    """True when one pair's loss depends on the other pairs of the batch, so that a pair-chunked
-    pass cannot compute it chunk by chunk: aot / aot_unpaired (sort across the batch), sft (token mean
-    over the batch) and bco_pair without a given `bco_delta` (shift by the batch's mean reward)."""
+def is_batch_coupled(loss_type: str | Sequence[str]) -> bool:
+    """True when one pair's loss depends on the other pairs' log-probs, so that a pair-chunked pass
+    cannot compute it chunk by chunk: 'aot' / 'aot_unpaired', which sort across the batch.
+
+    'sft' is not: a chunk gives the same per-pair values as the whole batch when it is passed the batch's
+    `batch_chosen_tokens` and `batch_pairs` (but see `dpo_pair_losses` for sft with pair_weights)."""
     names = _loss_type_names(loss_type)
-    return any(LOSS_TYPES[n].batch_coupled for n in names) or ("bco_pair" in names and bco_delta is None)
-
-
-def _lengths_as(lengths: Tensor | None, like: Tensor) -> Tensor | None:
-    """Completion token counts in `like`'s dtype."""
-    return None if lengths is None else lengths.to(like.dtype)
+    return any(LOSS_TYPES[n].batch_coupled for n in names)
 
 
 def dpo_pair_losses(
@@ -371,27 +427,35 @@ def dpo_pair_losses(
     label_smoothing: float = 0.0,
     reference_free: bool = False,
     f_divergence_type: str = "reverse_kl",
-    f_alpha_divergence_coef: float = 1.0,
+    f_alpha_divergence_coef: float = 0.5,
     discopop_tau: float = 0.05,
     chosen_lengths: Tensor | None = None,
     rejected_lengths: Tensor | None = None,
     pair_weights: Tensor | None = None,
     bco_delta: Tensor | float | None = None,
+    batch_chosen_tokens: int | Tensor | None = None,
+    batch_pairs: int | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Per-pair DPO-family losses before the batch mean, as TRL's DPOTrainer: (B,)x4 -> (losses, chosen_rewards,
-    rejected_rewards), each (B,).
+    """Per-pair DPO-family losses before the batch mean, as TRL 1.16's DPOTrainer: (B,)x4 -> (losses,
+    chosen_rewards, rejected_rewards), each (B,).
 
     With u = policy - ref log-ratios and s = f'(exp u) their f-divergence scores (u itself for reverse_kl),
-    `losses = pair_weights * sum_k loss_weights[k] * LOSS_TYPES[loss_type[k]](...)`; the formula of each
-    loss_type is in its function's docstring. Rewards are beta * u, detached, as TRL logs them.
+    `losses = sum_k loss_weights[k] * w_k * LOSS_TYPES[loss_type[k]](...)`, w_k = pair_weights (or 1), and for
+    'sft' the mean of pair_weights, as TRL multiplies its batch-scalar SFT loss by each pair's weight before the
+    mean. The formula of each loss_type is in its function's docstring; defaults are DPOConfig's. Rewards are
+    beta * u, detached, as TRL logs them.
 
     ref_*_logps may be None when reference_free=True (then they are 0, TRL v0.28's meaning) or when every
     loss_type needs no reference (only 'sft'; the rewards then take the reference as 0 too).
     chosen_lengths / rejected_lengths are completion token counts, needed by 'ipo' and 'sigmoid_norm'
     (each clamped to >= 1); 'sft' needs chosen_lengths.
-    pair_weights (B,) multiply each pair's loss (WPO: see `wpo_weights`; not with aot / aot_unpaired).
-    bco_delta shifts the bco_pair rewards; None uses this batch's mean reward, detached (batch-coupled),
-    and 0.0 is TRL main's bco_pair. See `is_batch_coupled` for the losses a pair chunk cannot compute alone.
+    pair_weights (B,) weigh the pairs (WPO: see `wpo_weights`; not with aot / aot_unpaired, as TRL).
+    bco_delta shifts the bco_pair rewards; None (no shift) is TRL 1.16's bco_pair.
+    batch_chosen_tokens (int or 0-dim tensor) and batch_pairs (int), given together, are the chosen completion
+    tokens and pairs of the whole batch when this call covers only some of its pairs: 'sft' reads them (else
+    this call's sum(chosen_lengths) and B). With them every loss_type but aot / aot_unpaired (see
+    `is_batch_coupled`) gives each pair the value it has in the whole batch, except 'sft' with pair_weights,
+    which needs the whole batch's weights and so raises when batch_pairs > B.
     """
     check_dpo_options(
         loss_type,
@@ -413,6 +477,7 @@ def dpo_pair_losses(
         {"chosen_lengths": chosen_lengths, "rejected_lengths": rejected_lengths},
         pair_weights,
         bco_delta,
+        (batch_chosen_tokens, batch_pairs),
     )
     ref_chosen = torch.zeros_like(policy_chosen_logps) if ref_chosen_logps is None else ref_chosen_logps
     ref_rejected = torch.zeros_like(policy_rejected_logps) if ref_rejected_logps is None else ref_rejected_logps
@@ -424,17 +489,23 @@ def dpo_pair_losses(
         ref_rejected_logps=ref_rejected,
         chosen_scores=to_score(policy_chosen_logps - ref_chosen, f_alpha_divergence_coef),
         rejected_scores=to_score(policy_rejected_logps - ref_rejected, f_alpha_divergence_coef),
-        chosen_lengths=_lengths_as(chosen_lengths, policy_chosen_logps),
-        rejected_lengths=_lengths_as(rejected_lengths, policy_rejected_logps),
+        chosen_lengths=chosen_lengths,
+        rejected_lengths=rejected_lengths,
         beta=beta,
         label_smoothing=label_smoothing,
         discopop_tau=discopop_tau,
-        bco_delta=bco_delta.detach() if isinstance(bco_delta, Tensor) else bco_delta,
+        bco_delta=0.0 if bco_delta is None else bco_delta.detach() if isinstance(bco_delta, Tensor) else bco_delta,
+        batch_chosen_tokens=batch_chosen_tokens,
+        batch_pairs=batch_pairs,
     )
     weights = _loss_weight_values(loss_weights, len(names))
-    losses = sum(weight * LOSS_TYPES[name].fn(pairs) for name, weight in zip(names, weights))
-    if pair_weights is not None:
-        losses = losses * pair_weights
+    losses = 0
+    for name, weight in zip(names, weights):
+        per_pair = LOSS_TYPES[name].fn(pairs)
+        if pair_weights is not None:
+            # TRL: per_sequence_loss *= w, then the mean; sft's per_sequence_loss is one batch value.
+            per_pair = per_pair * (pair_weights.mean() if name == "sft" else pair_weights)
+        losses = losses + weight * per_pair
     chosen_rewards = beta * pairs.chosen_logratios.detach()
     rejected_rewards = beta * pairs.rejected_logratios.detach()
     return losses, chosen_rewards, rejected_rewards
@@ -452,14 +523,16 @@ def dpo_loss(
     label_smoothing: float = 0.0,
     reference_free: bool = False,
     f_divergence_type: str = "reverse_kl",
-    f_alpha_divergence_coef: float = 1.0,
+    f_alpha_divergence_coef: float = 0.5,
     discopop_tau: float = 0.05,
     chosen_lengths: Tensor | None = None,
     rejected_lengths: Tensor | None = None,
     pair_weights: Tensor | None = None,
     bco_delta: Tensor | float | None = None,
+    batch_chosen_tokens: int | Tensor | None = None,
+    batch_pairs: int | None = None,
 ) -> PreferenceOutput:
-    """The DPO-family loss of TRL's DPOTrainer: `dpo_pair_losses` averaged over the pairs.
+    """The DPO-family loss of TRL 1.16's DPOTrainer: `dpo_pair_losses` averaged over the pairs.
 
     (B,)x4 -> PreferenceOutput(loss 0-dim, chosen_rewards (B,), rejected_rewards (B,)); arguments and
     formulas as `dpo_pair_losses`.
@@ -481,5 +554,7 @@ def dpo_loss(
         rejected_lengths=rejected_lengths,
         pair_weights=pair_weights,
         bco_delta=bco_delta,
+        batch_chosen_tokens=batch_chosen_tokens,
+        batch_pairs=batch_pairs,
     )
     return PreferenceOutput(losses.mean(), chosen_rewards, rejected_rewards)

@@ -1,5 +1,6 @@
 """Reference-free pairwise losses: CPO / SimPO / AlphaPO (TRL's CPOTrainer) and ORPO (TRL's ORPOTrainer),
-both in `trl.experimental` at TRL main (1.10.0.dev0).
+as in TRL 1.16.0, where both live in `trl.experimental` (`trl/experimental/cpo/cpo_trainer.py`,
+`trl/experimental/orpo/orpo_trainer.py`, with their configs `CPOConfig` / `ORPOConfig` there).
 
 Inputs are per-sequence *summed* completion log-probs (B,) and completion token counts (B,); the
 functions average them where TRL's trainers ask `get_batch_logps(average_log_prob=True)`.
@@ -68,11 +69,16 @@ def _average(logps: Tensor, lengths: Tensor) -> Tensor:
 
 def _completion_nll(chosen_logps: Tensor, chosen_lengths: Tensor) -> Tensor:
     """Token-mean NLL over all chosen completion tokens of the batch (nn.CrossEntropyLoss's mean): 0-dim."""
-    return -chosen_logps.sum() / chosen_lengths.to(chosen_logps.dtype).sum().clamp(min=1)
+    # The count is summed exactly and divided in float32 or wider, as CrossEntropyLoss counts its tokens.
+    count = chosen_lengths.sum().to(torch.promote_types(chosen_logps.dtype, torch.float32))
+    return -chosen_logps.sum() / count.clamp(min=1)
 
 
 def _alphapo_reward(logps: Tensor, alpha: float) -> Tensor:
-    """AlphaPO (Gupta et al. 2025) reward shape r = (1 - p^-alpha) / alpha, p = exp(logps)."""
+    """AlphaPO (Gupta et al. 2025) reward shape r = (1 - p^-alpha) / alpha, p = exp(logps).
+
+    TRL computes exp(logps).pow(-alpha), which is inf once exp(logps) underflows (logps < ~-104 in
+    float32, easily reached by summed log-probs); exp(-alpha * logps) is the same number, finite there."""
     return (1 - torch.exp(-alpha * logps)) / alpha
 
 
@@ -96,11 +102,14 @@ def cpo_loss(
       sigmoid: -(1-e) log s(beta m) - e log s(-beta m)        (CPO, Xu et al. 2024)
       simpo:   the same with m - simpo_gamma / beta         (SimPO, Meng et al. 2024)
       hinge:   max(0, 1 - beta m);  ipo: (m - 1/(2 beta))^2  (label_smoothing ignored, as TRL)
+      alphapo: 'simpo' with cpo_alpha = 0, whatever cpo_alpha is given (CPOConfig's shorthand)
     loss = mean over pairs + cpo_alpha * NLL, NLL the token mean over all chosen completion tokens
     (needs chosen_lengths unless cpo_alpha == 0). Rewards are beta * r, detached, as TRL logs them.
     Defaults are CPOConfig's; see `simpo_loss` for SimPO's.
     """
-    check_choice("loss_type", loss_type, _CPO_LOSS_TYPES)
+    check_choice("loss_type", loss_type, (*_CPO_LOSS_TYPES, "alphapo"))
+    if loss_type == "alphapo":  # CPOConfig.__post_init__: loss_type 'simpo' and cpo_alpha 0.0
+        loss_type, cpo_alpha = "simpo", 0.0
     check_positive("beta", beta)
     check_interval("label_smoothing", label_smoothing, 0.0, 0.5)
     for name, value in (("cpo_alpha", cpo_alpha), ("simpo_gamma", simpo_gamma), ("alpha", alpha)):

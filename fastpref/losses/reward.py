@@ -1,4 +1,4 @@
-"""Bradley-Terry reward-model loss, as TRL's RewardTrainer.compute_loss (main, 1.10.0.dev0)."""
+"""Bradley-Terry reward-model loss, as TRL 1.16.0's RewardTrainer.compute_loss (trl/trainer/reward_trainer.py)."""
 
 from __future__ import annotations
 

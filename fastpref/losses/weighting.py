@@ -1,4 +1,4 @@
-"""Token and pair weightings of TRL's DPOTrainer (main, 1.10.0.dev0): LD-DPO's `ld_alpha` and WPO's
+"""Token and pair weightings of TRL 1.16.0's DPOTrainer: LD-DPO's `ld_alpha` and WPO's
 `use_weighting`. Rows are chosen-then-rejected: row i and row B + i are the two sides of pair i."""
 
 from __future__ import annotations
