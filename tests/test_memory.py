@@ -19,7 +19,7 @@ def _small_tiles(monkeypatch):
 
 
 class AllocationLog(TorchDispatchMode):
-    """Records (op, numel, dtype) of every tensor returned by an aten op."""
+    """Records (op, numel, dtype) of every tensor an aten op allocates (returns in new storage)."""
 
     def __init__(self):
         super().__init__()
@@ -27,8 +27,11 @@ class AllocationLog(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
+        inputs = torch.utils._pytree.tree_leaves((args, kwargs))
+        input_storages = {t.untyped_storage().data_ptr() for t in inputs if isinstance(t, torch.Tensor)}
         for t in out if isinstance(out, (tuple, list)) else (out,):
-            if isinstance(t, torch.Tensor):
+            # a view or an in-place result shares an input's storage: not an allocation
+            if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in input_storages:
                 self.outputs.append((str(func), t.numel(), t.dtype))
         return out
 
