@@ -7,6 +7,7 @@ gradient. Log-probs come back in float32 whatever the input dtype (float64 for f
 
 from __future__ import annotations
 
+import dataclasses
 from typing import NamedTuple
 
 import torch
@@ -14,8 +15,8 @@ import torch
 from fastpref._checks import check_choice, check_positive, check_same_device, check_shape, check_tensor
 from fastpref.losses import check_dpo_options, is_batch_coupled
 from fastpref.ops.linear_dpo import DPOParams, linear_dpo
-from fastpref.ops.linear_token_logps import LinearTokenLogps
-from fastpref.ops.token_logps import TokenLogps
+from fastpref.ops.linear_token_logps import linear_token_logps_op
+from fastpref.ops.token_logps import token_logps_op
 from fastpref.params import HeadParams
 
 
@@ -74,7 +75,9 @@ def token_logps(
     check_labels(labels, logits.shape[:-1], logits.shape[-1], params.ignore_index, "logits.shape[:-1]")
     if not isinstance(inplace_backward, bool):
         raise TypeError(f"inplace_backward must be a bool, got {type(inplace_backward).__name__}")
-    logps, stats = TokenLogps.apply(logits, labels, params, return_stats, inplace_backward)
+    logps, _lse, stats = token_logps_op(
+        logits, labels, *dataclasses.astuple(params), return_stats, inplace_backward
+    )
     return (logps, _stats(stats)) if return_stats else logps
 
 
@@ -109,7 +112,7 @@ def linear_token_logps(
     return_stats=True, (logps, TokenStats)). Gradients flow to hidden, weight and bias.
     """
     params = _check_linear(hidden, weight, labels, bias, ignore_index, temperature, softcap)
-    logps, stats = LinearTokenLogps.apply(hidden, weight, bias, labels, params, return_stats)
+    logps, _lse, stats = linear_token_logps_op(hidden, weight, bias, labels, *dataclasses.astuple(params), return_stats)
     return (logps, _stats(stats)) if return_stats else logps
 
 

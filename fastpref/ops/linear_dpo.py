@@ -8,12 +8,13 @@ n the valid tokens; working set one chunk's tile (≤ memory_budget) plus the gr
 Backward only scales the stored gradients by the loss's upstream gradient.
 
 Two passes, for batch-coupled losses, or when one pair's logits exceed memory_budget:
-the same loss over `LinearTokenLogps`, whose backward recomputes tiles of ≤ memory_budget / 4
+the same loss over `linear_token_logps_op`, whose backward recomputes tiles of ≤ memory_budget / 4
 bytes (8·n·H·V flops, working set ≈ the tile).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 import torch
@@ -21,7 +22,7 @@ import torch
 from fastpref.backends import backend_for
 from fastpref.backends.torch_chunked import compute_dtype
 from fastpref.losses import PreferenceOutput, dpo_pair_losses, is_batch_coupled, ld_token_weights, wpo_weights
-from fastpref.ops.linear_token_logps import LinearTokenLogps
+from fastpref.ops.linear_token_logps import linear_token_logps_op
 from fastpref.params import HeadParams
 
 # Bytes held per logit of a chunk on the single pass: the GEMM output in the input dtype plus
@@ -169,7 +170,7 @@ def two_pass_dpo(hidden, weight, bias, labels, ref_c, ref_r, chosen_idx, rejecte
     head = HeadParams(
         params.head.ignore_index, params.head.temperature, params.head.softcap, params.memory_budget // 4
     )
-    tok, stats = LinearTokenLogps.apply(hidden, weight, bias, labels, head, params.use_weighting)
+    tok, _lse, stats = linear_token_logps_op(hidden, weight, bias, labels, *dataclasses.astuple(head), params.use_weighting)
     lss_c = lss_r = None
     if params.use_weighting:
         lss_c, lss_r = stats[3][chosen_idx], stats[3][rejected_idx]

@@ -1,34 +1,87 @@
-"""Per-token log-probs straight from hidden states x lm_head: no (N, V) tensor, forward or back."""
+"""Per-token log-probs straight from hidden states x lm_head, as torch.library custom ops with an
+autograd formula: no (N, V) tensor, forward or backward (the backward recomputes logits tiles)."""
 
-from __future__ import annotations
+from typing import Optional
 
 import torch
+from torch import Tensor
 
 from fastpref.backends import backend_for
 from fastpref.params import HeadParams
 
 
-class LinearTokenLogps(torch.autograd.Function):
-    """(hidden (..., H), weight (V, H), bias (V,) or None, labels (...)) ->
-    (logps (...), stats (4, ...) or (0,)); backward recomputes the logits tile by tile."""
+@torch.library.custom_op("fastpref::linear_token_logps", mutates_args=())
+def linear_token_logps_op(
+    hidden: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor],
+    labels: Tensor,
+    ignore_index: int,
+    temperature: float,
+    softcap: Optional[float],
+    tile_bytes: Optional[int],
+    with_stats: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(..., H), (V, H), (V,) or None, (...) -> logps (...), lse (2, ...), stats (4, ...) or (0,)."""
+    params = HeadParams(ignore_index, temperature, softcap, tile_bytes)
+    logps, lse, stats = backend_for(hidden).linear_forward(hidden, weight, bias, labels, params, with_stats)
+    return logps, lse, logps.new_empty(0) if stats is None else stats
 
-    @staticmethod
-    def forward(ctx, hidden, weight, bias, labels, params: HeadParams, with_stats: bool):
-        backend = backend_for(hidden)
-        logps, lse, stats = backend.linear_forward(hidden, weight, bias, labels, params, with_stats)
-        ctx.save_for_backward(hidden, weight, bias, labels, lse)
-        ctx.params, ctx.backend = params, backend
-        ctx.set_materialize_grads(False)
-        stats = logps.new_empty(0) if stats is None else stats
-        ctx.mark_non_differentiable(stats)
-        return logps, stats
 
-    @staticmethod
-    def backward(ctx, grad_logps, _grad_stats):
-        needs = ctx.needs_input_grad[:3]
-        if grad_logps is None or not any(needs):
-            return None, None, None, None, None, None
-        hidden, weight, bias, labels, lse = ctx.saved_tensors
-        needs = (needs[0], needs[1], bias is not None and needs[2])
-        grads = ctx.backend.linear_backward(hidden, weight, bias, labels, lse, grad_logps, ctx.params, needs)
-        return *grads, None, None, None
+@linear_token_logps_op.register_fake
+def _(hidden, weight, bias, labels, ignore_index, temperature, softcap, tile_bytes, with_stats):
+    dtype = torch.promote_types(hidden.dtype, torch.float32)
+    stats_shape = (4, *labels.shape) if with_stats else (0,)
+    return (
+        hidden.new_empty(labels.shape, dtype=dtype),
+        hidden.new_empty((2, *labels.shape), dtype=dtype),
+        hidden.new_empty(stats_shape, dtype=dtype),
+    )
+
+
+@torch.library.custom_op("fastpref::linear_token_logps_backward", mutates_args=())
+def linear_token_logps_backward_op(
+    hidden: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor],
+    labels: Tensor,
+    lse: Tensor,
+    grad_logps: Tensor,
+    ignore_index: int,
+    temperature: float,
+    softcap: Optional[float],
+    tile_bytes: Optional[int],
+    needs: list[bool],
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Gradients w.r.t. (hidden, weight, bias) of Σ grad_logps·logps; an empty tensor where
+    needs[i] is False."""
+    params = HeadParams(ignore_index, temperature, softcap, tile_bytes)
+    grads = backend_for(hidden).linear_backward(hidden, weight, bias, labels, lse, grad_logps, params, needs)
+    return tuple(hidden.new_empty(0) if g is None else g for g in grads)
+
+
+@linear_token_logps_backward_op.register_fake
+def _(hidden, weight, bias, labels, lse, grad_logps, ignore_index, temperature, softcap, tile_bytes, needs):
+    like = (hidden, weight, bias)
+    return tuple(torch.empty_like(t) if need else hidden.new_empty(0) for t, need in zip(like, needs))
+
+
+def _setup_context(ctx, inputs, output):
+    hidden, weight, bias, labels, *options, _with_stats = inputs
+    ctx.save_for_backward(hidden, weight, bias, labels, output[1])
+    ctx.options = options
+    ctx.set_materialize_grads(False)
+    ctx.mark_non_differentiable(output[1], output[2])
+
+
+def _backward(ctx, grad_logps, _grad_lse, _grad_stats):
+    hidden, weight, bias, labels, lse = ctx.saved_tensors
+    needs = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], bias is not None and ctx.needs_input_grad[2]]
+    no_grads = (None,) * (4 + len(ctx.options) + 1)  # one per input of linear_token_logps_op
+    if grad_logps is None or not any(needs):
+        return no_grads
+    grads = linear_token_logps_backward_op(hidden, weight, bias, labels, lse, grad_logps, *ctx.options, needs)
+    return *(g if need else None for g, need in zip(grads, needs)), *no_grads[3:]
+
+
+torch.library.register_autograd("fastpref::linear_token_logps", _backward, setup_context=_setup_context)
