@@ -1,0 +1,1 @@
+"""Data shipped with fastpref (see README.md here)."""

@@ -1,0 +1,451 @@
+"""The training loop: AdamW, warm-up + schedule, gradient accumulation, clipping, bf16 autocast,
+gradient checkpointing, periodic evaluation, exact resume, DDP / FSDP2, metrics and plots.
+
+    from fastpref.train import make_config, train
+    summary = train(make_config("dpo", max_steps=20))
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import logging
+import math
+import random
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from fastpref.train import checkpoint, distributed, metrics, modeling
+from fastpref.train.config import LISTWISE_LOSSES, DPOConfig, SFTConfig, TrainConfig
+from fastpref.train.data import Splits, StepSampler, build_splits, collate, eval_batches
+
+log = logging.getLogger("fastpref.train")
+
+MAX_CONSECUTIVE_SKIPS = 20
+HHH_NOTICE = (
+    "HHH alignment (Askell et al. 2021, via BIG-bench, Apache-2.0) is an EVALUATION set: this run trains on part "
+    "of it only to show the loop end to end; its numbers are not a benchmark result."
+)
+
+
+def setup_logging(dist: distributed.Dist) -> None:
+    if not log.handlers:
+        handler = logging.StreamHandler(sys.stdout)
+        handler.setFormatter(logging.Formatter("[fastpref] %(message)s"))
+        log.addHandler(handler)
+        log.propagate = False
+    log.setLevel(logging.INFO if dist.main else logging.WARNING)
+
+
+def set_seed(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+    try:
+        import numpy as np
+
+        np.random.seed(seed % 2**32)
+    except ImportError:
+        pass
+
+
+def _autocast_factory(config: TrainConfig, device: torch.device):
+    bf16 = config.bf16
+    if bf16 is None:
+        bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+    if not bf16:
+        return contextlib.nullcontext, False
+    return (lambda: torch.autocast(device_type=device.type, dtype=torch.bfloat16)), True
+
+
+def _param_groups(module: torch.nn.Module, weight_decay: float):
+    decay, no_decay = [], []
+    for name, p in module.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if p.dim() < 2 or "norm" in name.lower() or name.endswith("bias") else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def _sft_warmup(config: DPOConfig, dist: distributed.Dist) -> DPOConfig:
+    """SFT on the chosen responses of the training split; returns config pointing at its result."""
+    out = Path(config.run_dir()) / "sft-warmup"
+    marker = out / "warmup.json"
+    spec = {"model": config.model_name_or_path, "dataset": config.dataset_name, "steps": config.sft_warmup_steps,
+            "seed": config.seed, "eval_fraction": config.eval_fraction, "max_length": config.max_length}
+    if not (marker.exists() and json.loads(marker.read_text()) == spec):
+        common = {f.name: getattr(config, f.name) for f in dataclasses.fields(TrainConfig)}
+        common.update(
+            output_dir=str(out),
+            max_steps=config.sft_warmup_steps,
+            learning_rate=config.sft_warmup_learning_rate or config.learning_rate,
+            resume_from_checkpoint=None,
+            save_steps=None,
+            eval_steps=None,
+        )
+        log.info("SFT warm-up: %d steps on the chosen responses -> %s", config.sft_warmup_steps, out)
+        train(SFTConfig(**common))
+        if dist.main:
+            marker.write_text(json.dumps(spec))
+        dist.barrier()
+    else:
+        log.info("SFT warm-up found in %s: reusing it", out)
+    return dataclasses.replace(config, model_name_or_path=str(out), tokenizer_name_or_path=None, sft_warmup_steps=0)
+
+
+class Trainer:
+    def __init__(self, config: TrainConfig):
+        self.config = c = config
+        self.dist = dist = distributed.init()
+        setup_logging(dist)
+        self.run_dir = Path(c.run_dir())
+        if dist.main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+        if c.torch_threads:
+            torch.set_num_threads(c.torch_threads)
+        set_seed(c.seed)
+        self.task = c.task
+        self.listwise = isinstance(c, DPOConfig) and c.loss in LISTWISE_LOSSES
+        self.start_model = c.model_name_or_path
+
+        model, self.tokenizer = modeling.load_model_and_tokenizer(
+            c.model_name_or_path, self.task, c.seed, c.tokenizer_name_or_path
+        )
+        if c.disable_dropout:
+            modeling.disable_dropout(model)
+        if self.task != "rm":
+            modeling.head_of(model)  # a clear error now for a model without a usable LM head
+        self.splits: Splits = build_splits(c, self.tokenizer, self.task, self.listwise)
+        if c.dataset_name == "hhh":
+            log.info(HHH_NOTICE)
+        for note in self.splits.notes:
+            log.info(note)
+        self.device = dist.device
+        model.to(self.device)
+        self.autocast, self.bf16 = _autocast_factory(c, self.device)
+
+        # reference: precomputed once (cached on disk) or a live frozen copy; none for reference-free losses
+        self.ref_model, self.ref_logps = None, None
+        if isinstance(c, DPOConfig) and c.needs_reference():
+            if c.precompute_ref_log_probs:
+                self.ref_logps, hit, path = self._precompute(model)
+                log.info("reference log-probs: %s %s", "cache hit" if hit else "computed and cached in", path)
+            else:
+                self.ref_model = modeling.frozen_copy(model)
+        if c.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.config.use_cache = False
+        self.model = model
+        self.module = modeling.MODULES[self.task](model, c)
+        self.module.train()
+        self.wrapped = distributed.wrap(self.module, dist, c.fsdp)
+
+        from transformers import get_scheduler
+
+        self.optimizer = torch.optim.AdamW(
+            _param_groups(self.module, c.weight_decay), lr=c.learning_rate, betas=(c.adam_beta1, c.adam_beta2),
+            eps=c.adam_epsilon,
+        )
+        self.sampler = StepSampler(len(self.splits.train), c.per_device_train_batch_size, dist.world,
+                                   c.gradient_accumulation_steps, c.seed)
+        spe = self.sampler.steps_per_epoch
+        self.total_steps = c.max_steps if c.max_steps > 0 else max(1, math.ceil(c.num_train_epochs * spe))
+        warmup = c.warmup_steps or math.ceil(c.warmup_ratio * self.total_steps)
+        self.scheduler = get_scheduler(c.lr_scheduler_type, self.optimizer, num_warmup_steps=warmup,
+                                       num_training_steps=self.total_steps)
+        self.metrics_log = metrics.JsonLog(self.run_dir / "metrics.jsonl", dist.main)
+        self.global_step = 0
+
+    # --- reference ---
+
+    def _precompute(self, model):
+        c = self.config
+        from fastpref.train.reference import precomputed
+
+        return precomputed(
+            model, self.splits, self.tokenizer, cache_dir=c.ref_cache_dir,
+            batch_size=c.precompute_ref_batch_size or c.per_device_eval_batch_size, device=self.device,
+            autocast=self.autocast, ld_alpha=c.ld_alpha, dist=self.dist,
+        )
+
+    def _with_reference(self, batch: dict, split: str) -> dict:
+        if self.ref_logps is not None:
+            ref = self.ref_logps[split][batch["index"].cpu()]
+            batch["ref_chosen"], batch["ref_rejected"] = ref[:, 0].to(self.device), ref[:, 1].to(self.device)
+        elif self.ref_model is not None:
+            with torch.no_grad(), self.autocast():
+                ref = modeling.sequence_logps(self.ref_model, batch, ld_alpha=self.config.ld_alpha).float()
+            batch["ref_chosen"], batch["ref_rejected"] = ref.chunk(2)
+        return batch
+
+    def _batch(self, examples, indices, split):
+        batch = collate([examples[i] for i in indices], self.tokenizer.pad_token_id,
+                        completion_only=getattr(self.config, "completion_only_loss", True), listwise=self.listwise)
+        batch = {k: v.to(self.device) for k, v in batch.items()}
+        return self._with_reference(batch, split)
+
+    # --- memory report ---
+
+    def head_memory_report(self) -> dict | None:
+        """Peak memory of the loss head alone (forward + backward) on one training batch, beside the
+        textbook head's N x V logits + fp32 log_softmax computed from the same shapes."""
+        if self.task == "rm" or self.config.fsdp:
+            return None
+        examples = self.splits.train
+        indices = self.sampler.micro_batches(0, 0)[0]
+        batch = self._batch(examples, indices, "train")
+        with torch.no_grad(), self.autocast():
+            hidden = modeling.hidden_states(self.model, batch["input_ids"], batch["attention_mask"]).detach()
+        head = modeling.head_of(self.model)
+        weight = head.weight.detach().to(hidden.dtype).requires_grad_()
+        hidden = hidden.requires_grad_()
+        labels = batch["labels"][:, 1:]
+        import fastpref
+
+        with metrics.PeakMeter(self.device) as meter:
+            if self.task == "dpo" and self.config.loss == "dpo":
+                out = fastpref.linear_dpo_loss(
+                    hidden, weight, labels, batch.get("ref_chosen"), batch.get("ref_rejected"),
+                    beta=self.config.beta, loss_type=self.config.loss_type[0] if len(self.config.loss_type) == 1
+                    else self.config.loss_type, reference_free=self.config.reference_free,
+                    label_smoothing=self.config.label_smoothing, softcap=head.softcap,
+                    memory_budget=self.config.memory_budget,
+                )
+                out.loss.backward()
+            else:
+                fastpref.linear_sequence_logps(hidden, weight, labels, softcap=head.softcap).sum().backward()
+        rows, positions = labels.shape
+        vocab = weight.shape[0]
+        report = {
+            "head_peak_mb": meter.mb,
+            "textbook_head_mb": metrics.textbook_head_mb(rows, positions, vocab, hidden.dtype),
+            "rows": rows, "positions": positions, "vocab": vocab, "hidden": weight.shape[1],
+            "scored_tokens": int((labels != -100).sum()),
+        }
+        dtype = str(hidden.dtype).removeprefix("torch.")
+        del hidden, weight
+        measured = "n/a" if report["head_peak_mb"] is None else f"{report['head_peak_mb']:.1f} MB"
+        log.info(
+            "loss head, one batch (%d sequences x %d positions, vocab %d): fastpref peak %s (fwd+bwd, measured); "
+            "textbook path %.1f MB (N x V logits in %s + fp32 log_softmax, from shapes)",
+            rows, positions, vocab, measured, report["textbook_head_mb"], dtype,
+        )
+        return report
+
+    # --- evaluation ---
+
+    @torch.no_grad()
+    def evaluate(self, split: str = "eval") -> dict[str, float]:
+        examples = self.splits.eval if split == "eval" else self.splits.train
+        if not examples:
+            return {}
+        c, dist = self.config, self.dist
+        sharded = not c.fsdp  # FSDP: every rank runs every batch (forward is collective), counted once
+        rank, world = (dist.rank, dist.world) if sharded else (0, 1)
+        acc = metrics.Accumulator()
+        self.module.eval()
+        for indices in eval_batches(len(examples), c.per_device_eval_batch_size, rank, world):
+            batch = self._batch(examples, indices, split)
+            with self.autocast():
+                _, values = self.module(batch)
+            acc.add(values)
+        self.module.train()
+        reduced = acc.reduce(dist if sharded else distributed.Dist())
+        prefix = "eval_" if split == "eval" else "train_eval_"
+        return {f"{prefix}{k}": v for k, v in reduced.items()} | {f"{prefix}samples": len(examples)}
+
+    # --- training ---
+
+    def _resume(self) -> None:
+        c = self.config
+        path = checkpoint.resolve(self.run_dir, c.resume_from_checkpoint)
+        state = checkpoint.load(path, self.module, self.optimizer, self.scheduler, self.dist, c.fsdp)
+        if state.get("world_size") != self.dist.world:
+            log.warning("resuming a %s-process checkpoint on %d processes: the data order differs",
+                        state.get("world_size"), self.dist.world)
+        self.global_step = state["global_step"]
+        self.metrics_log.truncate(self.global_step)
+        log.info("resumed from %s at step %d (epoch %.2f)", path, self.global_step, state.get("epoch", 0))
+
+    def _state(self) -> dict:
+        spe = self.sampler.steps_per_epoch
+        return {"global_step": self.global_step, "epoch": self.global_step / spe,
+                "data_position": {"epoch": self.global_step // spe, "batch": self.global_step % spe,
+                                  "global_batch": self.sampler.global_batch, "seed": self.config.seed},
+                "total_steps": self.total_steps, "task": self.task, "model": self.start_model}
+
+    def _save(self) -> None:
+        checkpoint.save(self.run_dir, self.global_step, self.module, self.optimizer, self.scheduler, self._state(),
+                        self.dist, self.config.fsdp)
+        if self.dist.main:
+            checkpoint.prune(self.run_dir, self.config.save_total_limit)
+
+    def _step(self) -> tuple[dict, bool]:
+        """One optimizer step over the accumulated micro-batches -> (local metrics, skipped)."""
+        c, dist = self.config, self.dist
+        acc = metrics.Accumulator()
+        micro_batches = self.sampler.micro_batches(self.global_step, dist.rank)
+        skipped = False
+        tokens = 0
+        for i, indices in enumerate(micro_batches):
+            batch = self._batch(self.splits.train, indices, "train")
+            tokens += int(batch["attention_mask"].sum())
+            last = i == len(micro_batches) - 1
+            sync = contextlib.nullcontext() if last or not hasattr(self.wrapped, "no_sync") else self.wrapped.no_sync()
+            with sync:
+                with self.autocast():
+                    loss, values = self.wrapped(batch)
+                if dist.any(not bool(torch.isfinite(loss.detach()))):
+                    skipped = True
+                    break
+                (loss / len(micro_batches)).backward()
+            acc.add(values)
+        grad_norm = float("nan")
+        if not skipped:
+            max_norm = c.max_grad_norm if c.max_grad_norm and c.max_grad_norm > 0 else float("inf")
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(self.module.parameters(), max_norm))
+            skipped = not math.isfinite(grad_norm)
+            if not skipped:
+                self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        return {"acc": acc, "grad_norm": grad_norm, "tokens": tokens}, skipped
+
+    def fit(self) -> dict:
+        c, dist = self.config, self.dist
+        if c.resume_from_checkpoint:
+            self._resume()
+        elif dist.main:
+            (self.run_dir / "metrics.jsonl").unlink(missing_ok=True)
+        if dist.main:
+            (self.run_dir / "train_config.json").write_text(json.dumps(dataclasses.asdict(c), indent=1))
+        spe = self.sampler.steps_per_epoch
+        log.info(
+            "%s: %d train / %d eval examples, %d steps (%d per epoch, global batch %d = %d x %d processes x %d "
+            "accumulation), lr %g, device %s%s",
+            self.task, len(self.splits.train), len(self.splits.eval), self.total_steps, spe, self.sampler.global_batch,
+            c.per_device_train_batch_size, dist.world, c.gradient_accumulation_steps, c.learning_rate, self.device,
+            ", bf16 autocast" if self.bf16 else "",
+        )
+        summary: dict = {"task": self.task, "model": self.start_model}
+        if dist.main and self.global_step == 0:
+            report = self.head_memory_report()
+            if report:
+                summary["head_memory"] = report
+        window = metrics.Accumulator()
+        throughput = metrics.Throughput()
+        window_norms, skips_in_row, skipped_total = [], 0, 0
+        start = time.perf_counter()
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=self.total_steps, initial=self.global_step, disable=not dist.main or c.disable_tqdm,
+                   desc=f"{self.task}", dynamic_ncols=True, file=sys.stdout)
+        while self.global_step < self.total_steps:
+            out, skipped = self._step()
+            self.global_step += 1
+            bar.update(1)
+            if skipped:
+                skips_in_row += 1
+                skipped_total += 1
+                log.warning("step %d: non-finite loss or gradient, update skipped", self.global_step)
+                if skips_in_row >= MAX_CONSECUTIVE_SKIPS:
+                    raise RuntimeError(
+                        f"{skips_in_row} consecutive steps had a non-finite loss or gradient; lower --learning_rate "
+                        "or check the data (empty completions, extreme lengths)"
+                    )
+            else:
+                skips_in_row = 0
+                bar.set_postfix(_postfix(out["acc"].local()), refresh=False)
+                window.merge(out["acc"])
+                window_norms.append(out["grad_norm"])
+                throughput.add(out["tokens"])
+            if self.global_step % c.logging_steps == 0 or self.global_step == self.total_steps:
+                row = {"step": self.global_step, "epoch": round(self.global_step / spe, 4)}
+                row.update(window.reduce(dist))
+                row["grad_norm"] = sum(window_norms) / len(window_norms) if window_norms else None
+                row["learning_rate"] = self.scheduler.get_last_lr()[0]
+                tokens_per_s = dist.sum(torch.tensor(throughput.rate())).item()
+                row["tokens_per_second"] = round(tokens_per_s, 1)
+                row["peak_memory_mb"] = _round(metrics.peak_memory_mb(self.device))
+                row["elapsed_s"] = round(time.perf_counter() - start, 2)
+                if skipped_total:
+                    row["skipped_steps"] = skipped_total
+                self.metrics_log.write(row)
+                window_norms = []
+            if c.eval_steps and self.global_step % c.eval_steps == 0 and self.global_step < self.total_steps:
+                row = {"step": self.global_step, "epoch": round(self.global_step / spe, 4)} | self.evaluate()
+                self.metrics_log.write(row)
+                _log_eval(row)
+            if c.save_steps and self.global_step % c.save_steps == 0:
+                self._save()
+        bar.close()
+        train_seconds = time.perf_counter() - start
+        final = {"step": self.global_step, "epoch": round(self.global_step / spe, 4)} | self.evaluate()
+        if c.task != "sft" and self.splits.eval:
+            self.metrics_log.write(final)
+            _log_eval(final)
+        train_eval = self.evaluate("train")
+        self._save_final()
+        summary.update(final)
+        summary.update(train_eval)
+        summary["train_seconds"] = round(train_seconds, 1)
+        summary["steps"] = self.global_step
+        if dist.main:
+            (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+            if c.plot:
+                try:
+                    paths = metrics.plot(self.run_dir / "metrics.jsonl", self.run_dir / "plots",
+                                         title=f"fastpref train {self.task} ({self.start_model})")
+                    log.info("plots: %s", self.run_dir / "plots" / "curves.png" if paths else "none")
+                except ImportError:
+                    log.warning("matplotlib is not installed: no plots (pip install fastpref[train])")
+        return summary
+
+    def _save_final(self) -> None:
+        """save_pretrained (model + tokenizer) into output_dir."""
+        if self.config.fsdp:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+            full = get_model_state_dict(self.module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+            state = {k.removeprefix("model."): v for k, v in full.items()}
+        else:
+            state = None
+        if self.dist.main:
+            kwargs = {"state_dict": state} if state is not None else {}
+            self.model.save_pretrained(self.run_dir, **kwargs)
+            self.tokenizer.save_pretrained(self.run_dir)
+            log.info("model saved to %s", self.run_dir)
+        self.dist.barrier()
+
+
+def _round(x):
+    return None if x is None else round(x, 1)
+
+
+def _postfix(values: dict) -> dict:
+    out = {}
+    if "loss" in values:
+        out["loss"] = f"{values['loss']:.4f}"
+    for name, short in (("rewards/accuracies", "acc"), ("mean_token_accuracy", "tok_acc"), ("rewards/margins", "margin")):
+        if name in values:
+            out[short] = f"{values[name]:.3f}"
+    return out
+
+
+def _log_eval(row: dict) -> None:
+    parts = [f"{k.removeprefix('eval_')} {v:.4f}" for k, v in row.items()
+             if k.startswith("eval_") and k != "eval_samples" and isinstance(v, float)
+             and k in ("eval_loss", "eval_rewards/accuracies", "eval_rewards/margins", "eval_mean_token_accuracy")]
+    log.info("step %d held-out (%s examples): %s", row["step"], row.get("eval_samples"), ", ".join(parts))
+
+
+def train(config: TrainConfig) -> dict:
+    """Run one training job (in this process, or as one rank of a torchrun group); returns its summary."""
+    dist = distributed.init()
+    setup_logging(dist)
+    if isinstance(config, DPOConfig) and config.sft_warmup_steps > 0:
+        config = _sft_warmup(config, dist)
+    return Trainer(config).fit()

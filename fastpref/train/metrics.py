@@ -1,0 +1,210 @@
+"""Metrics: exact averaging across micro-batches and processes, JSON lines, memory, PNG plots."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+
+from fastpref.train.distributed import Dist
+
+
+class Accumulator:
+    """Sums (value x units, units) per metric name; `reduce` averages over every process."""
+
+    def __init__(self):
+        self.sums: dict[str, list[torch.Tensor]] = defaultdict(list)
+
+    def add(self, metrics: dict) -> None:
+        for name, (total, units) in metrics.items():
+            self.sums[name].append(torch.stack([total.detach().double().cpu(), units.detach().double().cpu()]))
+
+    def merge(self, other: "Accumulator") -> None:
+        for name, values in other.sums.items():
+            self.sums[name].extend(values)
+
+    def local(self) -> dict[str, float]:
+        """This process's averages, without communication (for the progress bar)."""
+        out = {}
+        for name, values in self.sums.items():
+            total, units = torch.stack(values).sum(0).tolist()
+            out[name] = total / units if units > 0 else float("nan")
+        return out
+
+    def reduce(self, dist: Dist) -> dict[str, float]:
+        if not self.sums:
+            return {}
+        names = sorted(self.sums)
+        stacked = torch.stack([torch.stack(self.sums[n]).sum(0) for n in names])  # (metrics, 2)
+        stacked = dist.sum(stacked).cpu()
+        self.sums.clear()
+        return {n: t / u if u > 0 else float("nan") for n, (t, u) in zip(names, stacked.tolist())}
+
+
+class JsonLog:
+    """One JSON object per line (rank 0 writes); `truncate(step)` drops rows past a resumed step."""
+
+    def __init__(self, path: Path, enabled: bool):
+        self.path, self.enabled = path, enabled
+
+    def truncate(self, step: int) -> None:
+        if not self.enabled or not self.path.exists():
+            return
+        rows = [line for line in self.path.read_text().splitlines() if line.strip()]
+        kept = [line for line in rows if json.loads(line).get("step", 0) <= step]
+        self.path.write_text("".join(line + "\n" for line in kept))
+
+    def write(self, row: dict) -> None:
+        if self.enabled:
+            clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in row.items()}
+            with self.path.open("a") as f:
+                f.write(json.dumps(clean) + "\n")
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+# --- memory ---
+
+
+def _proc_status_mb(field: str) -> float | None:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        return None
+    return None
+
+
+def peak_memory_mb(device: torch.device) -> float | None:
+    """CUDA: the allocator's peak; CPU: the process's resident high-water mark (Linux)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return _proc_status_mb("VmHWM")
+
+
+class PeakMeter:
+    """Peak memory above the start of a block: the CUDA allocator's, or on Linux CPU the resident set's
+    high-water mark (reset through /proc/self/clear_refs)."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.mb: float | None = None
+
+    def __enter__(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.base = torch.cuda.memory_allocated(self.device)
+        else:
+            self.base = _proc_status_mb("VmRSS")
+            try:
+                Path("/proc/self/clear_refs").write_text("5")
+            except OSError:
+                self.base = None
+        return self
+
+    def __exit__(self, *exc):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self.mb = (torch.cuda.max_memory_allocated(self.device) - self.base) / 2**20
+        elif self.base is not None:
+            peak = _proc_status_mb("VmHWM")
+            self.mb = None if peak is None else max(peak - self.base, 0.0)
+        return False
+
+
+def textbook_head_mb(rows: int, positions: int, vocab: int, dtype: torch.dtype) -> float:
+    """What the textbook head holds at once: N x V logits in the model's dtype plus their fp32
+    log_softmax, N = every scored position (rows x positions), from shapes alone."""
+    n = rows * positions
+    return n * vocab * (torch.empty((), dtype=dtype).element_size() + 4) / 2**20
+
+
+class Throughput:
+    def __init__(self):
+        self.start, self.tokens = time.perf_counter(), 0
+
+    def add(self, tokens: int) -> None:
+        self.tokens += tokens
+
+    def rate(self) -> float:
+        elapsed = time.perf_counter() - self.start
+        rate = self.tokens / elapsed if elapsed > 0 else float("nan")
+        self.start, self.tokens = time.perf_counter(), 0
+        return rate
+
+
+# --- plots ---
+
+PLOTTED = (
+    "loss",
+    "rewards/accuracies",
+    "rewards/margins",
+    "rewards/chosen",
+    "rewards/rejected",
+    "logps/chosen",
+    "logps/rejected",
+    "entropy",
+    "mean_token_accuracy",
+    "grad_norm",
+    "learning_rate",
+)
+
+
+def plot(metrics_path: Path, out_dir: Path, title: str = "") -> list[Path]:
+    """One PNG of the train (and eval_ prefixed) curves per metric present, and an overview grid."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = read_jsonl(metrics_path)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    names = [n for n in PLOTTED if any(n in r or f"eval_{n}" in r for r in rows)]
+    written = []
+
+    def series(key):
+        pts = [(r["step"], r[key]) for r in rows if r.get(key) is not None and "step" in r]
+        return [p[0] for p in pts], [p[1] for p in pts]
+
+    def draw(ax, name):
+        for key, label, style in ((name, "train", "-"), (f"eval_{name}", "held-out", "o--")):
+            xs, ys = series(key)
+            if xs:
+                ax.plot(xs, ys, style, label=label, markersize=3)
+        ax.set_title(name)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+
+    for name in names:
+        fig, ax = plt.subplots(figsize=(5, 3.2))
+        draw(ax, name)
+        fig.tight_layout()
+        path = out_dir / f"{name.replace('/', '_')}.png"
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        written.append(path)
+    if names:
+        cols = 3
+        grid = (len(names) + cols - 1) // cols
+        fig, axes = plt.subplots(grid, cols, figsize=(4.2 * cols, 3 * grid), squeeze=False)
+        for ax, name in zip(axes.flat, names):
+            draw(ax, name)
+        for ax in list(axes.flat)[len(names):]:
+            ax.axis("off")
+        if title:
+            fig.suptitle(title)
+        fig.tight_layout()
+        path = out_dir / "curves.png"
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        written.append(path)
+    return written
