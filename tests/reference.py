@@ -69,7 +69,7 @@ def sequence_logps(logits, labels, reduction="sum", ignore_index=-100, temperatu
 
 
 # --- losses ---
-# Per-pair loops on float64 scalars, written from the TRL (main, 1.10.0.dev0) and paper formulas.
+# Per-pair loops on float64 scalars, written from the TRL 1.16.0 and paper formulas.
 
 
 def _log_sigmoid(x):
@@ -80,24 +80,28 @@ def _log(x):
     return torch.log(torch.as_tensor(x, dtype=torch.float64))
 
 
-def f_divergence_score(logratio, f_divergence_type="reverse_kl", alpha=1.0):
-    """f'(exp(u)) up to a constant, for one log-ratio u (TRL's chosen_scores / rejected_scores)."""
-    if f_divergence_type == "reverse_kl" or (f_divergence_type == "alpha_divergence" and alpha == 1.0):
-        return logratio
+def f_divergence_score(logratio, f_divergence_type="reverse_kl", alpha=0.5):
+    """f'(exp(u)) for one log-ratio u, constants kept (TRL's chosen_scores / rejected_scores)."""
+    if f_divergence_type == "reverse_kl" or (f_divergence_type == "alpha_divergence" and abs(alpha - 1) < 1e-6):
+        return logratio  # f'(t) = log t
     if f_divergence_type == "forward_kl":
-        return -torch.exp(-logratio)
+        return 1 - torch.exp(-logratio)  # f'(t) = 1 - 1/t
     if f_divergence_type == "js_divergence":
-        return _log_sigmoid(logratio)
-    if f_divergence_type == "alpha_divergence":
-        return torch.exp((alpha - 1) * logratio) / (alpha - 1)
+        return torch.log(2 * torch.exp(logratio) / (1 + torch.exp(logratio)))  # f'(t) = log(2t / (1 + t))
+    if f_divergence_type == "alpha_divergence":  # f'(t) = (t^(alpha-1) - 1) / (alpha - 1), exponent clamped at 80
+        return (torch.exp(torch.clamp((alpha - 1) * logratio, max=80.0)) - 1) / (alpha - 1)
     raise ValueError(f_divergence_type)
 
 
 def dpo_one_loss_type(
-    loss_type, pc, pr, rc, rr, *, beta, label_smoothing=0.0, f_divergence_type="reverse_kl", alpha=1.0,
-    discopop_tau=0.05, chosen_lengths=None, rejected_lengths=None, bco_delta=None,
+    loss_type, pc, pr, rc, rr, *, beta, label_smoothing=0.0, f_divergence_type="reverse_kl", alpha=0.5,
+    discopop_tau=0.05, chosen_lengths=None, rejected_lengths=None, bco_delta=None, batch_chosen_tokens=None,
+    batch_pairs=None,
 ):
-    """Per-pair losses (list of B scalars) of one TRL DPO loss_type; pc/pr/rc/rr are (B,) float64."""
+    """Per-pair losses (list of B scalars) of one TRL DPO loss_type; pc/pr/rc/rr are (B,) float64.
+
+    sft: pair i's share -pc[i] * P / N of TRL's batch token mean, N / P the whole batch's chosen tokens / pairs
+    (batch_chosen_tokens / batch_pairs, else this batch's)."""
     n = len(pc)
     eps = label_smoothing
     u_c = [pc[i] - rc[i] for i in range(n)]
@@ -122,19 +126,15 @@ def dpo_one_loss_type(
             q_w, q_l = torch.sigmoid(z), torch.sigmoid(-z)
             loss = q_w * (torch.log(q_w) - _log(1 - eps)) + q_l * (torch.log(q_l) - _log(eps))
         elif loss_type == "nca_pair":
-            a, b = beta * s_c[i], beta * s_r[i]
+            a, b = beta * u_c[i], beta * u_r[i]
             loss = -_log_sigmoid(a) - 0.5 * _log_sigmoid(-a) - 0.5 * _log_sigmoid(-b)
         elif loss_type == "robust":
             loss = ((1 - eps) * -_log_sigmoid(z) - eps * -_log_sigmoid(-z)) / (1 - 2 * eps)
-        elif loss_type == "bco_pair":
-            if bco_delta is None:
-                all_rewards = [beta * s for s in s_c] + [beta * s for s in s_r]
-                delta = (sum(all_rewards) / (2 * n)).detach()
-            else:
-                delta = bco_delta
-            loss = -_log_sigmoid(beta * s_c[i] - delta) - _log_sigmoid(delta - beta * s_r[i])
+        elif loss_type == "bco_pair":  # TRL 1.16: no shift; bco_delta is fastpref's optional one
+            delta = 0.0 if bco_delta is None else float(bco_delta)
+            loss = -_log_sigmoid(beta * u_c[i] - delta) - _log_sigmoid(delta - beta * u_r[i])
         elif loss_type == "sppo_hard":
-            loss = (s_c[i] - 1 / (2 * beta)) ** 2 + (s_r[i] + 1 / (2 * beta)) ** 2
+            loss = (u_c[i] - 1 / (2 * beta)) ** 2 + (u_r[i] + 1 / (2 * beta)) ** 2
         elif loss_type in ("aot", "aot_unpaired"):
             if loss_type == "aot":
                 first = sorted([pc[j] - pr[j] for j in range(n)], key=lambda t: t.detach().item())
@@ -147,13 +147,14 @@ def dpo_one_loss_type(
         elif loss_type == "apo_zero":
             loss = (1 - torch.sigmoid(beta * u_c[i])) + torch.sigmoid(beta * u_r[i])
         elif loss_type == "apo_down":
-            loss = torch.sigmoid(beta * u_c[i]) + (1 - torch.sigmoid(z))
+            loss = torch.sigmoid(beta * u_c[i]) + (1 - torch.sigmoid(beta * (u_c[i] - u_r[i])))
         elif loss_type == "discopop":
             mix = torch.sigmoid(z / discopop_tau)
             loss = (1 - mix) * -_log_sigmoid(z) + mix * torch.exp(-z)
         elif loss_type == "sft":
-            tokens = max(sum(float(x) for x in chosen_lengths), 1.0)
-            loss = -sum(pc[j] for j in range(n)) / tokens
+            tokens = sum(int(x) for x in chosen_lengths) if batch_chosen_tokens is None else int(batch_chosen_tokens)
+            pairs = n if batch_pairs is None else batch_pairs
+            loss = -pc[i] * pairs / max(tokens, 1)
         else:
             raise ValueError(loss_type)
         out.append(loss)
@@ -161,17 +162,44 @@ def dpo_one_loss_type(
 
 
 def dpo_pair_losses(pc, pr, rc, rr, *, beta=0.1, loss_type="sigmoid", loss_weights=None, pair_weights=None, **kw):
-    """(losses, chosen_rewards, rejected_rewards), each (B,): weighted sum over loss types, times pair_weights."""
+    """(losses, chosen_rewards, rejected_rewards), each (B,): sum over loss types of weight * per-pair loss *
+    pair weight; for sft the mean pair weight (TRL multiplies its one batch SFT value by each pair's weight)."""
     pc, pr, rc, rr = (t.double() for t in (pc, pr, rc, rr))
+    n = len(pc)
     types = [loss_type] if isinstance(loss_type, str) else list(loss_type)
     weights = loss_weights if loss_weights is not None else [1.0] * len(types)
-    total = [0.0] * len(pc)
+    total = [0.0] * n
     for name, weight in zip(types, weights):
         per_pair = dpo_one_loss_type(name, pc, pr, rc, rr, beta=beta, **kw)
-        total = [total[i] + weight * per_pair[i] for i in range(len(pc))]
-    if pair_weights is not None:
-        total = [total[i] * pair_weights[i].double() for i in range(len(pc))]
+        if pair_weights is not None:
+            w = [pair_weights[i].double() for i in range(n)]
+            if name == "sft":
+                w = [sum(w) / n] * n
+            per_pair = [per_pair[i] * w[i] for i in range(n)]
+        total = [total[i] + weight * per_pair[i] for i in range(n)]
     return torch.stack(total), (beta * (pc - rc)).detach(), (beta * (pr - rr)).detach()
+
+
+def trl_dpo_loss(
+    pc, pr, rc, rr, chosen_token_logps, *, beta=0.1, loss_type="sigmoid", loss_weights=None, pair_weights=None, **kw
+):
+    """TRL's batch loss, literally: sum_k weight_k * mean_i(per_sequence_loss_k[i] * w_i), with sft's
+    per_sequence_loss the one value -mean(chosen_token_logps) (a flat tensor of every chosen completion
+    token's log-prob) for every pair."""
+    pc, pr, rc, rr = (t.double() for t in (pc, pr, rc, rr))
+    n = len(pc)
+    types = [loss_type] if isinstance(loss_type, str) else list(loss_type)
+    weights = loss_weights if loss_weights is not None else [1.0] * len(types)
+    loss = 0.0
+    for name, weight in zip(types, weights):
+        if name == "sft":
+            per_pair = [-chosen_token_logps.double().mean()] * n
+        else:
+            per_pair = dpo_one_loss_type(name, pc, pr, rc, rr, beta=beta, **kw)
+        if pair_weights is not None:
+            per_pair = [per_pair[i] * pair_weights[i].double() for i in range(n)]
+        loss = loss + torch.stack(per_pair).mean() * weight
+    return loss
 
 
 def ld_sequence_logps(token_logps, labels, ld_alpha, ignore_index=-100):
@@ -216,6 +244,8 @@ def bt_loss(rc, rr, margin=None, center_rewards_coefficient=None):
 def cpo_loss(pc, pr, *, beta=0.1, loss_type="sigmoid", label_smoothing=0.0, cpo_alpha=1.0, simpo_gamma=0.5,
              alpha=0.0, chosen_lengths=None, rejected_lengths=None):
     """TRL CPOTrainer: (loss, chosen_rewards, rejected_rewards); pc/pr summed completion log-probs."""
+    if loss_type == "alphapo":  # CPOConfig.__post_init__
+        loss_type, cpo_alpha = "simpo", 0.0
     pc, pr = pc.double(), pr.double()
     n = len(pc)
     eps = label_smoothing

@@ -11,7 +11,8 @@ from tolerances import VS_FP64
 
 RTOL, ATOL = VS_FP64[torch.float32]
 LOSS_TYPES = sorted(losses.LOSS_TYPES)
-COUPLED = {"aot", "aot_unpaired", "sft"}  # and bco_pair without bco_delta
+COUPLED = {"aot", "aot_unpaired"}
+F_DIVERGENCE_LOSS_TYPES = ["sigmoid", "sigmoid_norm", "hinge", "ipo", "exo_pair", "robust", "discopop", "sft"]
 SMOOTHING = {"exo_pair": 0.1, "robust": 0.2, "aot": 0.15, "aot_unpaired": 0.15}
 
 
@@ -114,18 +115,73 @@ def test_dpo_loss_type_matches_reference(loss_type, batch):
 
 
 @pytest.mark.parametrize("f_divergence_type", ["reverse_kl", "forward_kl", "js_divergence", "alpha_divergence"])
-@pytest.mark.parametrize("loss_type", ["sigmoid", "ipo", "nca_pair", "bco_pair", "sppo_hard", "apo_down", "discopop"])
+@pytest.mark.parametrize("loss_type", F_DIVERGENCE_LOSS_TYPES)
 def test_f_divergences_match_reference(f_divergence_type, loss_type):
-    options = dpo_options(loss_type, f_divergence_type=f_divergence_type, f_alpha_divergence_coef=0.5)
+    options = dpo_options(loss_type, f_divergence_type=f_divergence_type, f_alpha_divergence_coef=0.3)
     tensors = pair_tensors(7)
     assert_parity(fast_dpo(options), ref_dpo(options), tensors, name=f"{loss_type}/{f_divergence_type}")
 
 
+def test_f_divergence_loss_types_are_trls():
+    assert sorted(losses.F_DIVERGENCE_LOSS_TYPES) == sorted(F_DIVERGENCE_LOSS_TYPES)
+
+
+def test_f_divergence_scores_keep_trls_constants():
+    """TRL 1.16's scores exactly: the constants matter to ipo / sigmoid_norm, which divide each score by its length."""
+    u = torch.tensor([-2.0, -0.3, 0.0, 0.7, 3.0], dtype=torch.float64)
+    trl = {
+        "forward_kl": 1 - torch.exp(-u),
+        "js_divergence": torch.log(torch.tensor(2.0, dtype=torch.float64)) + torch.nn.functional.logsigmoid(u),
+        "alpha_divergence": (torch.exp(-0.7 * u) - 1) / -0.7,
+    }
+    for name, want in trl.items():
+        got = losses.dpo.F_DIVERGENCES[name](u, 0.3)
+        assert_close(got, want, rtol=1e-12, atol=1e-12, name=name)
+    # TRL's float32 clamp of the alpha exponent at 80 (11 for float16) before exp(), then * 1 / (alpha - 1)
+    alpha_score = losses.dpo.F_DIVERGENCES["alpha_divergence"]
+    big = torch.tensor([500.0])
+    assert torch.equal(alpha_score(big, 3.0), (torch.exp(torch.tensor([80.0])) - 1) * 0.5)
+    half = alpha_score(big.half(), 3.0)
+    assert half.dtype == torch.float16 and torch.equal(half, ((torch.exp(torch.tensor([11.0])) - 1).half() * 0.5))
+
+
+@pytest.mark.parametrize("loss_type", ["ipo", "sigmoid_norm"])
+def test_ipo_depends_on_f_divergence_constant(loss_type):
+    """Dropping f's constant would not change sigmoid, but changes the length-normalised losses."""
+    tensors = pair_tensors(7)
+    lengths = {"chosen_lengths": tensors["chosen_lengths"], "rejected_lengths": tensors["rejected_lengths"]}
+    out = losses.dpo_pair_losses(*_positional(tensors), loss_type=loss_type, f_divergence_type="forward_kl", **lengths)
+    u_c = tensors["policy_chosen_logps"].double() - tensors["ref_chosen_logps"].double()
+    u_r = tensors["policy_rejected_logps"].double() - tensors["ref_rejected_logps"].double()
+    n_c, n_r = (lengths[k].double().clamp(min=1) for k in ("chosen_lengths", "rejected_lengths"))
+    delta = (1 - torch.exp(-u_c)) / n_c - (1 - torch.exp(-u_r)) / n_r
+    want = (delta - 5.0) ** 2 if loss_type == "ipo" else -torch.nn.functional.logsigmoid(0.1 * delta)
+    assert_close(out[0], want, rtol=RTOL, atol=ATOL, name=loss_type)
+
+
 def test_alpha_divergence_with_coefficient_one_is_reverse_kl():
     tensors = pair_tensors(5)
-    alpha_one = losses.dpo_loss(*_positional(tensors), f_divergence_type="alpha_divergence")
+    alpha_one = losses.dpo_loss(
+        *_positional(tensors), f_divergence_type="alpha_divergence", f_alpha_divergence_coef=1.0
+    )
     reverse = losses.dpo_loss(*_positional(tensors), f_divergence_type="reverse_kl")
     assert torch.equal(alpha_one.loss, reverse.loss)
+
+
+def test_f_alpha_divergence_coef_defaults_to_dpo_configs():
+    tensors = pair_tensors(5)
+    default = losses.dpo_loss(*_positional(tensors), f_divergence_type="alpha_divergence")
+    half = losses.dpo_loss(*_positional(tensors), f_divergence_type="alpha_divergence", f_alpha_divergence_coef=0.5)
+    assert torch.equal(default.loss, half.loss)
+
+
+@pytest.mark.parametrize("f_divergence_type", ["forward_kl", "js_divergence", "alpha_divergence"])
+@pytest.mark.parametrize("loss_type", sorted(set(LOSS_TYPES) - set(F_DIVERGENCE_LOSS_TYPES)))
+def test_f_divergence_rejected_for_other_loss_types(loss_type, f_divergence_type):
+    options = dpo_options([loss_type, "sigmoid"], f_divergence_type=f_divergence_type)
+    with pytest.raises(ValueError, match="f_divergence_type"):
+        losses.check_dpo_options(**options)
+    losses.check_dpo_options(**{**options, "f_divergence_type": "reverse_kl"})
 
 
 def test_loss_type_list_is_weighted_sum():
@@ -182,6 +238,17 @@ def test_reference_free_is_zero_reference(loss_type):
     assert_close(chosen_rewards, 0.1 * tensors["policy_chosen_logps"], rtol=RTOL, atol=ATOL)
 
 
+def chosen_token_logps(chosen_logps, chosen_lengths):
+    """Per-token chosen log-probs (a flat tensor, differentiable in chosen_logps) whose per-pair sums are
+    chosen_logps; an empty completion has none (its log-prob must be 0)."""
+    tokens = []
+    for logp, count in zip(chosen_logps, chosen_lengths.tolist()):
+        if count:
+            share = torch.rand(count, dtype=torch.float64) + 0.1
+            tokens.append(logp * share / share.sum())
+    return torch.cat(tokens)
+
+
 def test_sft_needs_no_reference():
     tensors = pair_tensors(7)
     without = losses.dpo_loss(
@@ -196,6 +263,66 @@ def test_sft_needs_no_reference():
     assert torch.equal(without.loss, with_ref.loss)
     expected = -tensors["policy_chosen_logps"].double().sum() / tensors["chosen_lengths"].sum()
     assert_close(without.loss, expected, rtol=RTOL, atol=ATOL)
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+@pytest.mark.parametrize("loss_type", ["sft", ["sigmoid", "sft", "ipo"]])
+def test_pair_losses_mean_is_trls_batch_loss(loss_type, weighted):
+    """The mean of the per-pair values is TRL's loss, sft's being -mean(chosen token log-probs) (times the mean
+    pair weight under WPO weighting), in value and in gradient."""
+    tensors = pair_tensors(7)
+    empty = tensors["chosen_lengths"] == 0  # pair 0 at least: an empty completion has no token log-probs
+    tensors["policy_chosen_logps"][empty] = 0.0
+    options = dpo_options(loss_type, loss_weights=None if loss_type == "sft" else [0.7, 0.4, 1.3])
+    if weighted:
+        tensors["pair_weights"] = torch.rand(7) + 0.1
+    fast_in = leaves(tensors)
+    ref_in = leaves({k: v.double() if v.is_floating_point() else v for k, v in tensors.items()})
+    token_logps = chosen_token_logps(ref_in["policy_chosen_logps"], tensors["chosen_lengths"])
+    got = losses.dpo_loss(*_positional(fast_in), **_lengths(fast_in), **options).loss
+    want = ref.trl_dpo_loss(*_positional(ref_in), token_logps, **_lengths(ref_in), **options)
+    assert_close(got, want, rtol=RTOL, atol=ATOL, name="trl loss")
+    # TRL's sft term gives each chosen token's log-prob -1/N, so each sequence's sum -1/N; a sequence without
+    # completion tokens has no gradient path in TRL (its log-prob is the constant 0), so only the others count.
+    keys = [k for k in ("policy_chosen_logps", "pair_weights") if k in fast_in]
+    grads = torch.autograd.grad(got, [fast_in[k] for k in keys])
+    want_grads = torch.autograd.grad(want, [ref_in[k] for k in keys])
+    for key, g, w in zip(keys, grads, want_grads):
+        rows = ~empty if key == "policy_chosen_logps" else slice(None)
+        assert_close(g[rows], w[rows], rtol=RTOL, atol=ATOL, name=f"trl loss grad {key}")
+
+
+def test_sft_halves_with_batch_totals_match_whole_batch():
+    """sft is not batch-coupled: two halves computed apart, given the batch totals, give the whole batch's
+    per-pair losses (and so the same gradient)."""
+    tensors = pair_tensors(8)
+    totals = {"batch_chosen_tokens": tensors["chosen_lengths"].sum(), "batch_pairs": 8}
+    whole = losses.dpo_pair_losses(*_positional(tensors), loss_type="sft", chosen_lengths=tensors["chosen_lengths"])
+    halves = [
+        losses.dpo_pair_losses(
+            *(t[half] for t in _positional(tensors)),
+            loss_type="sft",
+            chosen_lengths=tensors["chosen_lengths"][half],
+            **totals,
+        )
+        for half in (slice(0, 4), slice(4, 8))
+    ]
+    assert torch.equal(torch.cat([h[0] for h in halves]), whole[0])
+    as_int = {**totals, "batch_chosen_tokens": int(totals["batch_chosen_tokens"])}
+    first = losses.dpo_pair_losses(
+        *(t[:4] for t in _positional(tensors)), loss_type="sft", chosen_lengths=tensors["chosen_lengths"][:4], **as_int
+    )
+    assert torch.equal(first[0], whole[0][:4])
+    alone = losses.dpo_pair_losses(
+        *(t[:4] for t in _positional(tensors)), loss_type="sft", chosen_lengths=tensors["chosen_lengths"][:4]
+    )
+    assert not torch.allclose(alone[0], whole[0][:4])  # without the totals, a half is its own batch
+
+
+def test_sft_batch_totals_match_reference():
+    tensors = pair_tensors(5)
+    options = dpo_options("sft", batch_chosen_tokens=int(tensors["chosen_lengths"].sum()) + 17, batch_pairs=9)
+    assert_parity(fast_dpo(options), ref_dpo(options), tensors, name="sft totals")
 
 
 @pytest.mark.parametrize("loss_type", ["sigmoid", "ipo", "sft", ["hinge", "discopop"]])
@@ -213,12 +340,13 @@ def test_bco_delta(bco_delta):
     assert_parity(fast_dpo(options), ref_dpo(options), pair_tensors(7), name="bco_delta")
 
 
-def test_bco_delta_none_is_batch_mean_reward():
+def test_bco_delta_none_is_trls_unshifted_bco_pair():
     tensors = pair_tensors(7)
     out = losses.dpo_pair_losses(*_positional(tensors), loss_type="bco_pair")
-    mean_reward = torch.cat([out[1], out[2]]).mean()
-    explicit = losses.dpo_pair_losses(*_positional(tensors), loss_type="bco_pair", bco_delta=mean_reward)
-    assert_close(out[0], explicit[0], rtol=RTOL, atol=ATOL)
+    assert torch.equal(out[0], losses.dpo_pair_losses(*_positional(tensors), loss_type="bco_pair", bco_delta=0.0)[0])
+    chosen, rejected = out[1].double(), out[2].double()  # beta * log-ratios
+    want = -torch.nn.functional.logsigmoid(chosen) - torch.nn.functional.logsigmoid(-rejected)
+    assert_close(out[0], want, rtol=RTOL, atol=ATOL, name="bco_pair")
 
 
 def test_dpo_loss_is_mean_of_pair_losses():
@@ -238,14 +366,21 @@ def test_dpo_loss_is_mean_of_pair_losses():
 
 @pytest.mark.parametrize("loss_type", LOSS_TYPES)
 def test_is_batch_coupled_and_chunking(loss_type):
-    """A loss that is not batch-coupled gives the same per-pair values on pair chunks as on the batch."""
-    coupled = loss_type in COUPLED or loss_type == "bco_pair"
-    assert losses.is_batch_coupled(loss_type) is coupled
-    assert losses.is_batch_coupled(loss_type, bco_delta=0.3) is (loss_type in COUPLED)
+    """A loss that is not batch-coupled gives the same per-pair values on pair chunks, given the batch totals,
+    as on the batch."""
+    assert losses.is_batch_coupled(loss_type) is (loss_type in COUPLED)
     tensors = pair_tensors(7)
-    options = dpo_options(loss_type, bco_delta=0.3)
+    if loss_type not in COUPLED:
+        tensors["pair_weights"] = torch.rand(7) + 0.1
+    options = dpo_options(loss_type)
     whole = fast_dpo(options)(**tensors)[0]
-    chunks = [fast_dpo(options)(**{k: v[s] for k, v in tensors.items()})[0] for s in (slice(0, 3), slice(3, 7))]
+    if loss_type == "sft":  # needs the whole batch's pair weights, which a chunk does not have
+        del tensors["pair_weights"]
+        whole = fast_dpo(options)(**tensors)[0]
+    totals = {"batch_chosen_tokens": tensors["chosen_lengths"].sum(), "batch_pairs": 7}
+    chunks = [
+        fast_dpo({**options, **totals})(**{k: v[s] for k, v in tensors.items()})[0] for s in (slice(0, 3), slice(3, 7))
+    ]
     chunked = torch.cat(chunks)
     if loss_type in COUPLED:
         assert not torch.allclose(chunked, whole)
@@ -255,7 +390,9 @@ def test_is_batch_coupled_and_chunking(loss_type):
 
 def test_is_batch_coupled_lists():
     assert losses.is_batch_coupled(["sigmoid", "aot"])
-    assert not losses.is_batch_coupled(["sigmoid", "ipo", "bco_pair"], bco_delta=0.0)
+    assert not losses.is_batch_coupled(["sigmoid", "ipo", "bco_pair", "sft"])
+    with pytest.raises(TypeError):
+        losses.is_batch_coupled("bco_pair", bco_delta=0.0)  # no such parameter any more
 
 
 @pytest.mark.parametrize("loss_type", LOSS_TYPES)
@@ -266,6 +403,10 @@ def test_dpo_gradcheck(loss_type):
     if loss_type in ("aot", "aot_unpaired"):
         del tensors["pair_weights"]  # not allowed with sorting losses
     options = dpo_options(loss_type, bco_delta=0.1)
+    if loss_type in ("nca_pair", "bco_pair", "sppo_hard", "apo_zero", "apo_down"):
+        pass  # reverse_kl only, as TRL
+    elif loss_type not in ("aot", "aot_unpaired"):
+        options["f_divergence_type"] = "js_divergence"
     names = [k for k, v in tensors.items() if v.is_floating_point()]
 
     def pair_losses(*values):
@@ -300,6 +441,16 @@ def test_ld_token_weights_give_trl_logps(ld_alpha, shape):
     assert torch.all(weights[labels == -100] == 0)
     expected = ref.ld_sequence_logps(token_logps, labels, ld_alpha)
     assert_close((token_logps * weights).sum(-1), expected, rtol=RTOL, atol=ATOL, name="ld logps")
+
+
+def test_ld_token_weights_dtype():
+    labels = paired_labels(3, 9)
+    wide = losses.ld_token_weights(labels, 0.35, dtype=torch.float64)
+    assert wide.dtype == torch.float64 and set(wide.unique().tolist()) <= {0.0, 0.35, 1.0}
+    assert torch.equal(wide.float(), losses.ld_token_weights(labels, 0.35))
+    token_logps = -torch.rand(6, 9, dtype=torch.float64) * 5
+    expected = ref.ld_sequence_logps(token_logps, labels, 0.35)
+    assert_close((token_logps * wide).sum(-1), expected, rtol=1e-14, atol=1e-14, name="ld logps fp64")
 
 
 def test_ld_token_weights_custom_ignore_index():
@@ -530,6 +681,8 @@ BAD_DPO = [
     ({"label_smoothing": -0.1}, ValueError, "label_smoothing"),
     ({"loss_type": "exo_pair"}, ValueError, "label_smoothing"),
     ({"f_divergence_type": "kl"}, ValueError, "f_divergence_type"),
+    ({"loss_type": "nca_pair", "f_divergence_type": "forward_kl"}, ValueError, "f_divergence_type"),
+    ({"loss_type": ["sigmoid", "aot"], "f_divergence_type": "alpha_divergence"}, ValueError, "f_divergence_type"),
     ({"f_alpha_divergence_coef": float("nan")}, ValueError, "f_alpha_divergence_coef"),
     ({"discopop_tau": 0.0}, ValueError, "discopop_tau"),
     ({"reference_free": 1}, TypeError, "reference_free"),
@@ -551,6 +704,26 @@ BAD_DPO = [
     ({"pair_weights": torch.ones(3)}, ValueError, "pair_weights"),
     ({"loss_type": "aot", "pair_weights": torch.ones(4)}, ValueError, "pair_weights"),
     ({"ref_chosen_logps": P.to("meta")}, ValueError, "ref_chosen_logps on meta"),
+    ({"loss_type": "sft", "chosen_lengths": LEN, "batch_pairs": 4}, ValueError, "batch_chosen_tokens"),
+    ({"batch_chosen_tokens": 12}, ValueError, "batch_pairs"),
+    ({"batch_chosen_tokens": 12, "batch_pairs": 3}, ValueError, "batch_pairs"),
+    ({"batch_chosen_tokens": 12, "batch_pairs": 4.0}, TypeError, "batch_pairs"),
+    ({"batch_chosen_tokens": 12.0, "batch_pairs": 4}, TypeError, "batch_chosen_tokens"),
+    ({"batch_chosen_tokens": -1, "batch_pairs": 4}, ValueError, "batch_chosen_tokens"),
+    ({"batch_chosen_tokens": LEN, "batch_pairs": 4}, ValueError, "batch_chosen_tokens"),
+    ({"batch_chosen_tokens": torch.tensor(True), "batch_pairs": 4}, TypeError, "batch_chosen_tokens"),
+    ({"batch_chosen_tokens": torch.tensor(12, device="meta"), "batch_pairs": 4}, ValueError, "batch_chosen_tokens"),
+    (
+        {
+            "loss_type": "sft",
+            "chosen_lengths": LEN,
+            "pair_weights": torch.ones(4),
+            "batch_chosen_tokens": 20,
+            "batch_pairs": 8,
+        },
+        ValueError,
+        "pair_weights",
+    ),
 ]
 
 
@@ -573,6 +746,7 @@ BAD_OTHER = [
     (lambda: losses.ld_token_weights(LABELS.float(), 0.5), TypeError, "labels"),
     (lambda: losses.ld_token_weights(LABELS[:3], 0.5), ValueError, "labels"),
     (lambda: losses.ld_token_weights(LABELS, 1.5), ValueError, "ld_alpha"),
+    (lambda: losses.ld_token_weights(LABELS, 0.5, dtype=torch.long), TypeError, "dtype"),
     (
         lambda: losses.wpo_weights(P.reshape(2, 2), P.reshape(2, 2)[:1], LABELS[:2, :2] != 0),
         ValueError,

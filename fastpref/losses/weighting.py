@@ -16,22 +16,27 @@ def _check_paired_rows(name: str, value: Tensor) -> int:
     return value.shape[0] // 2
 
 
-def ld_token_weights(labels: Tensor, ld_alpha: float, *, ignore_index: int = -100) -> Tensor:
-    """LD-DPO token weights (Liu et al. 2024, "Length Desensitization"): (2B, T) labels -> (2B, T) float32.
+def ld_token_weights(
+    labels: Tensor, ld_alpha: float, *, ignore_index: int = -100, dtype: torch.dtype = torch.float32
+) -> Tensor:
+    """LD-DPO token weights (Liu et al. 2024, "Length Desensitization"): (2B, T) labels -> (2B, T) `dtype`.
 
     A completion token weighs 1 up to the shared length min(n_chosen, n_rejected) of its pair, counted in
     completion tokens (labels != ignore_index) from the left, and ld_alpha beyond; ignored positions
-    weigh 0. So `(token_logps * weights).sum(-1)` is TRL's `shared_logps + ld_alpha * tail_logps`.
+    weigh 0. So `(token_logps * weights).sum(-1)` is TRL's `shared_logps + ld_alpha * tail_logps`; pass the
+    token log-probs' dtype as `dtype` when it is wider than float32 (ld_alpha rounded to float32 is off by ~1e-8).
     """
     check_tensor("labels", labels, integer=True)
     pairs = _check_paired_rows("labels", labels)
     check_interval("ld_alpha", ld_alpha, 0.0, 1.0, closed_high=True)
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise TypeError(f"dtype must be a floating-point torch.dtype, got {dtype!r}")
     completion = labels != ignore_index
     position = completion.cumsum(dim=1)  # 1 at a row's first completion token
     chosen_count, rejected_count = completion.sum(dim=1).split(pairs)
     shared = torch.minimum(chosen_count, rejected_count).repeat(2).unsqueeze(1)
-    weights = torch.where(position <= shared, 1.0, ld_alpha)
-    return (weights * completion).to(torch.float32)
+    weights = torch.full(labels.shape, ld_alpha, dtype=dtype, device=labels.device).masked_fill(position <= shared, 1.0)
+    return weights * completion
 
 
 def wpo_weights(token_logps: Tensor, log_sum_sq_probs: Tensor, mask: Tensor) -> Tensor:
