@@ -226,7 +226,7 @@ def linear_dpo_loss(
     label_smoothing=0.0,
     reference_free=False,
     f_divergence_type="reverse_kl",
-    f_alpha_divergence_coef=1.0,
+    f_alpha_divergence_coef=0.5,
     discopop_tau=0.05,
     bco_delta=None,
     ld_alpha=None,

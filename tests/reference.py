@@ -221,8 +221,8 @@ def ld_sequence_logps(token_logps, labels, ld_alpha, ignore_index=-100):
 
 def wpo_weights_from_logits(logits, labels, ignore_index=-100):
     """TRL's use_weighting pair weights from (2B, T, V) logits: exp(mean(log p - (lse(2z) - 2 lse(z)))) per
-    sequence, chosen weight times rejected weight: -> (B,)."""
-    z = logits.double()
+    sequence, chosen weight times rejected weight, not differentiated (as TRL): -> (B,)."""
+    z = logits.detach().double()
     logp = token_logps(z, labels, ignore_index)
     log_denom = torch.logsumexp(2 * z, dim=-1) - 2 * torch.logsumexp(z, dim=-1)
     mask = (labels != ignore_index).double()

@@ -169,11 +169,12 @@ def test_all_masked_completion_gives_finite_loss_and_zero_grad_rows():
 
 
 def test_gradcheck_float64():
-    hidden, weight, bias, labels, ref_c, ref_r = make_batch(torch.float64)
-    weight = weight[:37].detach().requires_grad_()
-    bias = bias[:37].detach().requires_grad_()
-    labels = labels % 37
-    labels[:, :2] = -100
+    hidden = torch.randn(4, 4, 5, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(17, 5, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(17, dtype=torch.float64, requires_grad=True)
+    labels = torch.randint(0, 17, (4, 4))
+    labels[:, 0] = -100
+    ref_c, ref_r = -torch.rand(2, dtype=torch.float64) * 10, -torch.rand(2, dtype=torch.float64) * 10
 
     def loss(h, w, b):
         return fastpref.linear_dpo_loss(h, w, labels, ref_c, ref_r, bias=b, loss_type="ipo", softcap=5.0).loss
@@ -182,7 +183,7 @@ def test_gradcheck_float64():
 
 
 BAD_INPUTS = [
-    (lambda b: {"hidden": b["hidden"][:5]}, ValueError, "chosen-then-rejected"),
+    (lambda b: {"hidden": b["hidden"][:5], "labels": b["labels"][:5]}, ValueError, "chosen-then-rejected"),
     (lambda b: {"pairs": (torch.tensor([0, 9]), torch.tensor([1, 2]))}, ValueError, r"pairs\[0\]"),
     (lambda b: {"pairs": (torch.tensor([0.0]), torch.tensor([1]))}, TypeError, r"pairs\[0\]"),
     (lambda b: {"pairs": torch.tensor([0, 1])}, TypeError, "pairs"),

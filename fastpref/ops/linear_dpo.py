@@ -1,6 +1,7 @@
 """DPO-family loss straight from hidden states: hidden x lm_head -> sequence log-probs -> loss.
 
-Single pass, for losses that decompose over pairs (every loss_type but aot and aot_unpaired). Pairs are grouped into chunks whose logits fit `memory_budget`. For a
+Single pass, for losses that decompose over pairs (every loss_type but aot and aot_unpaired, and
+sft under WPO weighting). Pairs are grouped into chunks whose logits fit `memory_budget`. For a
 chunk, one (rows, V) logits tile of its valid tokens is held: lse and token log-probs -> the
 chunk's sequence log-probs -> each pair's loss (`fastpref.losses`, the very code `dpo_loss` runs)
 -> its gradient w.r.t. every token log-prob -> dz in place -> dh, dW, db. 3 GEMMs, 6·n·H·V flops,
@@ -55,8 +56,8 @@ def pair_losses(tok_c, tok_r, lss_c, lss_r, lab_c, lab_r, ref_c, ref_r, params: 
     if params.ld_alpha is None:
         weights_c, weights_r = mask_c.to(tok_c.dtype), mask_r.to(tok_r.dtype)
     else:
-        weights = ld_token_weights(torch.cat([lab_c, lab_r]), params.ld_alpha, ignore_index=ignore)
-        weights_c, weights_r = weights.to(tok_c.dtype).chunk(2)
+        weights = ld_token_weights(torch.cat([lab_c, lab_r]), params.ld_alpha, ignore_index=ignore, dtype=tok_c.dtype)
+        weights_c, weights_r = weights.chunk(2)
     logps_c, logps_r = (tok_c * weights_c).sum(-1), (tok_r * weights_r).sum(-1)
     pair_weights = None
     if params.use_weighting:
@@ -76,6 +77,10 @@ def pair_losses(tok_c, tok_r, lss_c, lss_r, lab_c, lab_r, ref_c, ref_r, params: 
         **params.loss_options,
     )
     return losses, rewards_c, rewards_r, logps_c.detach(), logps_r.detach()
+
+
+def _names(loss_type) -> tuple[str, ...]:
+    return (loss_type,) if isinstance(loss_type, str) else tuple(loss_type)
 
 
 def _slice(t, p0, p1):
@@ -185,9 +190,10 @@ def linear_dpo(hidden, weight, bias, labels, ref_c, ref_r, chosen_idx, rejected_
     """Choose the single pass where the loss decomposes over pairs and one pair fits the budget."""
     valid_counts = (labels != params.head.ignore_index).sum(-1)
     largest_pair = int((valid_counts[chosen_idx] + valid_counts[rejected_idx]).max()) if chosen_idx.numel() else 0
-    single_pass = not is_batch_coupled(params.loss_options["loss_type"]) and largest_pair <= fused_rows_budget(
-        hidden, weight.shape[0], params.memory_budget
-    )
+    loss_type = params.loss_options["loss_type"]
+    # sft's WPO weighting takes the batch's mean weight (TRL), which a pair chunk does not know
+    batch_coupled = is_batch_coupled(loss_type) or (params.use_weighting and "sft" in _names(loss_type))
+    single_pass = not batch_coupled and largest_pair <= fused_rows_budget(hidden, weight.shape[0], params.memory_budget)
     run = LinearDPO.apply if single_pass else two_pass_dpo
     loss, rewards_c, rewards_r, logps_c, logps_r = run(
         hidden, weight, bias, labels, ref_c, ref_r, chosen_idx, rejected_idx, params
