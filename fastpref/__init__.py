@@ -3,6 +3,8 @@ tensors. The public API (DESIGN.md) is re-exported here."""
 
 from fastpref.api import (
     TokenStats,
+    bt_loss,
+    dpo_loss,
     linear_dpo_loss,
     linear_sequence_logps,
     linear_token_logps,
@@ -14,9 +16,7 @@ from fastpref.api import (
 from fastpref.losses import (
     LOSS_TYPES,
     PreferenceOutput,
-    bt_loss,
     cpo_loss,
-    dpo_loss,
     kl_penalty,
     ld_token_weights,
     orpo_loss,

@@ -8,14 +8,18 @@ gradient. Log-probs come back in float32 whatever the input dtype (float64 for f
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import NamedTuple
 
 import torch
 
 from fastpref._checks import check_choice, check_positive, check_same_device, check_shape, check_tensor
+from fastpref import losses
+from fastpref.backends import backend_for, torch_chunked
 from fastpref.losses import check_dpo_options, is_batch_coupled
 from fastpref.ops.linear_dpo import DPOParams, linear_dpo
 from fastpref.ops.linear_token_logps import linear_token_logps_op
+from fastpref.ops.pair_sigmoid import pair_sigmoid_op
 from fastpref.ops.token_logps import token_logps_op
 from fastpref.params import HeadParams
 
@@ -276,3 +280,53 @@ def linear_dpo_loss(
         raise ValueError("use_weighting cannot be combined with loss_type 'aot' / 'aot_unpaired', which sort pairs")
     params = DPOParams(head, memory_budget, loss_options, ld_alpha, use_weighting)
     return linear_dpo(hidden, weight, bias, labels, ref_chosen_logps, ref_rejected_logps, chosen_idx, rejected_idx, params)
+
+
+def _sigmoid_kernel_serves(tensor: torch.Tensor, *refs) -> bool:
+    """The pairwise sigmoid kernel runs on the Triton backend, for fp16/bf16/fp32 inputs and
+    constant references (its backward gives no gradient to them)."""
+    return (
+        backend_for(tensor) is not torch_chunked
+        and tensor.dtype != torch.float64
+        and not any(r is not None and r.requires_grad for r in refs)
+    )
+
+
+@functools.wraps(losses.dpo_loss)
+def dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, **options):
+    loss_type = options.get("loss_type", "sigmoid")
+    single_sigmoid = loss_type == "sigmoid" or list(loss_type) == ["sigmoid"]
+    plain = all(options.get(name) is None for name in ("loss_weights", "pair_weights"))
+    if not (single_sigmoid and plain and _sigmoid_kernel_serves(policy_chosen_logps, ref_chosen_logps, ref_rejected_logps)):
+        return losses.dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, **options)
+    losses.check_dpo_inputs(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, **options)
+    beta = options.get("beta", 0.1)
+    per_pair, _, _ = pair_sigmoid_op(
+        policy_chosen_logps,
+        policy_rejected_logps,
+        ref_chosen_logps,
+        ref_rejected_logps,
+        None,
+        float(beta),
+        options.get("f_divergence_type", "reverse_kl"),
+        float(options.get("f_alpha_divergence_coef", 0.5)),
+        0.0,
+    )
+    chosen_ratio = policy_chosen_logps if ref_chosen_logps is None else policy_chosen_logps - ref_chosen_logps
+    rejected_ratio = policy_rejected_logps if ref_rejected_logps is None else policy_rejected_logps - ref_rejected_logps
+    return losses.PreferenceOutput(per_pair.mean(), beta * chosen_ratio.detach(), beta * rejected_ratio.detach())
+
+
+@functools.wraps(losses.bt_loss)
+def bt_loss(chosen_rewards, rejected_rewards, *, margin=None, center_rewards_coefficient=None):
+    if not _sigmoid_kernel_serves(chosen_rewards):
+        return losses.bt_loss(
+            chosen_rewards, rejected_rewards, margin=margin, center_rewards_coefficient=center_rewards_coefficient
+        )
+    losses.check_bt_inputs(chosen_rewards, rejected_rewards, margin, center_rewards_coefficient)
+    if margin is not None and not isinstance(margin, torch.Tensor):
+        margin = torch.full_like(chosen_rewards, float(margin))
+    per_pair, _, _ = pair_sigmoid_op(
+        chosen_rewards, rejected_rewards, None, None, margin, 1.0, "reverse_kl", 0.5, float(center_rewards_coefficient or 0.0)
+    )
+    return per_pair.mean()

@@ -73,7 +73,7 @@ def sequence_logps(logits, labels, reduction="sum", ignore_index=-100, temperatu
 
 
 def _log_sigmoid(x):
-    return torch.log(torch.sigmoid(x))
+    return torch.nn.functional.logsigmoid(torch.as_tensor(x, dtype=torch.float64))
 
 
 def _log(x):

@@ -415,6 +415,52 @@ def is_batch_coupled(loss_type: str | Sequence[str]) -> bool:
     return any(LOSS_TYPES[n].batch_coupled for n in names)
 
 
+def check_dpo_inputs(
+    policy_chosen_logps: Tensor,
+    policy_rejected_logps: Tensor,
+    ref_chosen_logps: Tensor | None,
+    ref_rejected_logps: Tensor | None,
+    *,
+    beta: float = 0.1,
+    loss_type: str | Sequence[str] = "sigmoid",
+    loss_weights: Sequence[float] | None = None,
+    label_smoothing: float = 0.0,
+    reference_free: bool = False,
+    f_divergence_type: str = "reverse_kl",
+    f_alpha_divergence_coef: float = 0.5,
+    discopop_tau: float = 0.05,
+    chosen_lengths: Tensor | None = None,
+    rejected_lengths: Tensor | None = None,
+    pair_weights: Tensor | None = None,
+    bco_delta: Tensor | float | None = None,
+    batch_chosen_tokens: int | Tensor | None = None,
+    batch_pairs: int | None = None,
+) -> None:
+    """Validate every argument of `dpo_pair_losses` (the scalar options and the tensors); each error
+    names the argument at fault. No host synchronisation."""
+    check_dpo_options(
+        loss_type,
+        beta=beta,
+        loss_weights=loss_weights,
+        label_smoothing=label_smoothing,
+        reference_free=reference_free,
+        f_divergence_type=f_divergence_type,
+        f_alpha_divergence_coef=f_alpha_divergence_coef,
+        discopop_tau=discopop_tau,
+        bco_delta=bco_delta,
+    )
+    _check_dpo_tensors(
+        _loss_type_names(loss_type),
+        reference_free,
+        {"policy_chosen_logps": policy_chosen_logps, "policy_rejected_logps": policy_rejected_logps},
+        {"ref_chosen_logps": ref_chosen_logps, "ref_rejected_logps": ref_rejected_logps},
+        {"chosen_lengths": chosen_lengths, "rejected_lengths": rejected_lengths},
+        pair_weights,
+        bco_delta,
+        (batch_chosen_tokens, batch_pairs),
+    )
+
+
 def dpo_pair_losses(
     policy_chosen_logps: Tensor,
     policy_rejected_logps: Tensor,
@@ -457,28 +503,27 @@ def dpo_pair_losses(
     `is_batch_coupled`) gives each pair the value it has in the whole batch, except 'sft' with pair_weights,
     which needs the whole batch's weights and so raises when batch_pairs > B.
     """
-    check_dpo_options(
-        loss_type,
+    check_dpo_inputs(
+        policy_chosen_logps,
+        policy_rejected_logps,
+        ref_chosen_logps,
+        ref_rejected_logps,
         beta=beta,
+        loss_type=loss_type,
         loss_weights=loss_weights,
         label_smoothing=label_smoothing,
         reference_free=reference_free,
         f_divergence_type=f_divergence_type,
         f_alpha_divergence_coef=f_alpha_divergence_coef,
         discopop_tau=discopop_tau,
+        chosen_lengths=chosen_lengths,
+        rejected_lengths=rejected_lengths,
+        pair_weights=pair_weights,
         bco_delta=bco_delta,
+        batch_chosen_tokens=batch_chosen_tokens,
+        batch_pairs=batch_pairs,
     )
     names = _loss_type_names(loss_type)
-    _check_dpo_tensors(
-        names,
-        reference_free,
-        {"policy_chosen_logps": policy_chosen_logps, "policy_rejected_logps": policy_rejected_logps},
-        {"ref_chosen_logps": ref_chosen_logps, "ref_rejected_logps": ref_rejected_logps},
-        {"chosen_lengths": chosen_lengths, "rejected_lengths": rejected_lengths},
-        pair_weights,
-        bco_delta,
-        (batch_chosen_tokens, batch_pairs),
-    )
     ref_chosen = torch.zeros_like(policy_chosen_logps) if ref_chosen_logps is None else ref_chosen_logps
     ref_rejected = torch.zeros_like(policy_rejected_logps) if ref_rejected_logps is None else ref_rejected_logps
     to_score = F_DIVERGENCES[f_divergence_type]

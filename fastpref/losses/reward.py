@@ -8,19 +8,13 @@ from torch import Tensor
 from fastpref._checks import check_batch_vector, check_leading_batch, check_number, check_same_device
 
 
-def bt_loss(
+def check_bt_inputs(
     chosen_rewards: Tensor,
     rejected_rewards: Tensor,
-    *,
-    margin: Tensor | float | None = None,
-    center_rewards_coefficient: float | None = None,
-) -> Tensor:
-    """Bradley-Terry loss: (B,), (B,) -> 0-dim.
-
-    mean(-log s(r_c - r_r - margin)) + center_rewards_coefficient * mean((r_c + r_r)^2), where `margin`
-    (a float or (B,)) is Llama 2's preference margin and the second term is Eisenstein et al.'s (2023)
-    reward centring; each is left out when None.
-    """
+    margin: Tensor | float | None,
+    center_rewards_coefficient: float | None,
+) -> None:
+    """Validate the arguments of `bt_loss`; each error names the argument at fault."""
     batch = check_leading_batch("chosen_rewards", chosen_rewards)
     check_batch_vector("rejected_rewards", rejected_rewards, batch)
     if isinstance(margin, Tensor):
@@ -34,6 +28,22 @@ def bt_loss(
         rejected_rewards=rejected_rewards,
         margin=margin if isinstance(margin, Tensor) else None,
     )
+
+
+def bt_loss(
+    chosen_rewards: Tensor,
+    rejected_rewards: Tensor,
+    *,
+    margin: Tensor | float | None = None,
+    center_rewards_coefficient: float | None = None,
+) -> Tensor:
+    """Bradley-Terry loss: (B,), (B,) -> 0-dim.
+
+    mean(-log s(r_c - r_r - margin)) + center_rewards_coefficient * mean((r_c + r_r)^2), where `margin`
+    (a float or (B,)) is Llama 2's preference margin and the second term is Eisenstein et al.'s (2023)
+    reward centring; each is left out when None.
+    """
+    check_bt_inputs(chosen_rewards, rejected_rewards, margin, center_rewards_coefficient)
     logits = chosen_rewards - rejected_rewards
     if margin is not None:
         logits = logits - margin
