@@ -123,8 +123,10 @@ def test_every_loss_type_in_every_mode(path_log, mode, loss_type):
 
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_options_together(path_log, mode, dtype):
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_options_together(monkeypatch, path_log, mode, dtype, backend):
     """Several loss types with weights, ld_alpha, WPO weighting, softcap and temperature at once."""
+    monkeypatch.setenv("FASTPREF_BACKEND", backend)
     batch = make_batch(dtype)
     kwargs = {
         "loss_type": ["sigmoid", "ipo", "sft", "bco_pair"],

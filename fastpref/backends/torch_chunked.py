@@ -41,12 +41,12 @@ def rows_per_tile(n_cols: int, dtype: torch.dtype, params: HeadParams) -> int:
     return max(1, budget // (n_cols * itemsize))
 
 
-def _spans(total: int, step: int):
+def spans(total: int, step: int):
     for start in range(0, total, step):
         yield start, min(start + step, total)
 
 
-def _valid_positions(labels: torch.Tensor, ignore_index: int) -> tuple[torch.Tensor, ...]:
+def valid_positions(labels: torch.Tensor, ignore_index: int) -> tuple[torch.Tensor, ...]:
     """Index tuple of the valid positions of labels (...), usable on any (..., X) tensor."""
     return (labels != ignore_index).nonzero(as_tuple=True)
 
@@ -155,9 +155,9 @@ def _fold_forward(tile: Callable, y, n_cols, like, params, with_stats):
     cols = min(n_cols, VOCAB_CHUNK)
     logps, lse = like.new_empty(n), like.new_empty(2, n)
     stats = like.new_empty(4, n) if with_stats else None
-    for r0, r1 in _spans(n, rows_per_tile(cols, like.dtype, params)):
+    for r0, r1 in spans(n, rows_per_tile(cols, like.dtype, params)):
         fold = _RowFold(n_cols, with_stats)
-        for c0, c1 in _spans(n_cols, cols):
+        for c0, c1 in spans(n_cols, cols):
             fold.add(_transform_(tile(r0, r1, c0, c1), params), y[r0:r1] - c0)
         logps[r0:r1], lse[0, r0:r1], lse[1, r0:r1] = fold.logps(), fold.max, fold.log_sum
         if with_stats:
@@ -165,7 +165,7 @@ def _fold_forward(tile: Callable, y, n_cols, like, params, with_stats):
     return logps, lse, stats
 
 
-def _scatter_outputs(labels, pos, logps, lse, stats):
+def scatter_outputs(labels, pos, logps, lse, stats):
     """Compact results -> full-shape logps (...), lse (2, ...), stats (4, ...); zeros elsewhere."""
     full_logps = logps.new_zeros(labels.shape)
     full_logps[pos] = logps
@@ -184,7 +184,7 @@ def _scatter_outputs(labels, pos, logps, lse, stats):
 def logits_forward(logits, labels, params: HeadParams, with_stats: bool):
     """(..., V), (...) -> logps (...), lse (2, ...) as (max, log Σ exp(z − max)), stats (4, ...) or
     None; fp32 (fp64 for fp64 inputs)."""
-    pos = _valid_positions(labels, params.ignore_index)
+    pos = valid_positions(labels, params.ignore_index)
     y = labels[pos]
     cdt = compute_dtype(logits.dtype)
     like = logits.new_empty(0, dtype=cdt)
@@ -192,13 +192,13 @@ def logits_forward(logits, labels, params: HeadParams, with_stats: bool):
     def tile(r0, r1, c0, c1):
         return logits[(*(p[r0:r1] for p in pos), slice(c0, c1))].to(cdt)
 
-    return _scatter_outputs(labels, pos, *_fold_forward(tile, y, logits.shape[-1], like, params, with_stats))
+    return scatter_outputs(labels, pos, *_fold_forward(tile, y, logits.shape[-1], like, params, with_stats))
 
 
 def logits_backward(logits, labels, lse, grad_logps, params: HeadParams, in_place: bool = False) -> torch.Tensor:
     """Gradient of Σ grad_logps·logps w.r.t. logits: (..., V) in the logits' dtype, zero rows at
     ignored positions; written into the logits' own storage when in_place."""
-    pos = _valid_positions(labels, params.ignore_index)
+    pos = valid_positions(labels, params.ignore_index)
     y, lse, g = labels[pos], lse[(slice(None), *pos)], grad_logps[pos]
     cdt = compute_dtype(logits.dtype)
     g = g.to(cdt)
@@ -209,9 +209,9 @@ def logits_backward(logits, labels, lse, grad_logps, params: HeadParams, in_plac
         grad = torch.zeros(logits.shape, dtype=logits.dtype, device=logits.device)
     n, n_cols = y.numel(), logits.shape[-1]
     cols = min(n_cols, VOCAB_CHUNK)
-    for r0, r1 in _spans(n, rows_per_tile(cols, logits.dtype, params)):
+    for r0, r1 in spans(n, rows_per_tile(cols, logits.dtype, params)):
         rows = tuple(p[r0:r1] for p in pos)
-        for c0, c1 in _spans(n_cols, cols):
+        for c0, c1 in spans(n_cols, cols):
             z = _transform_(logits[(*rows, slice(c0, c1))].to(cdt), params)
             grad[(*rows, slice(c0, c1))] = _softmax_grad_(z, y[r0:r1] - c0, lse[:, r0:r1], g[r0:r1], params).to(
                 logits.dtype
@@ -229,7 +229,7 @@ def _linear_tile(h_rows, weight, bias, c0, c1, cdt):
     return z.to(cdt)
 
 
-def _accumulate_matmul_(acc, a, b) -> None:
+def accumulate_matmul_(acc, a, b) -> None:
     """acc += a @ b in acc's (compute) dtype. Half-precision operands are upcast first: rounding
     each chunk's product to bf16 before summing biases the gradient (TRL found entropy drifting)."""
     if acc.dtype == a.dtype:
@@ -240,7 +240,7 @@ def _accumulate_matmul_(acc, a, b) -> None:
 
 def linear_forward(hidden, weight, bias, labels, params: HeadParams, with_stats: bool):
     """(..., H), (V, H), (V,) or None, (...) -> logps (...), lse (2, ...), stats (4, ...) or None."""
-    pos = _valid_positions(labels, params.ignore_index)
+    pos = valid_positions(labels, params.ignore_index)
     y, h = labels[pos], hidden[pos]
     cdt = compute_dtype(hidden.dtype)
     like = hidden.new_empty(0, dtype=cdt)
@@ -248,7 +248,7 @@ def linear_forward(hidden, weight, bias, labels, params: HeadParams, with_stats:
     def tile(r0, r1, c0, c1):
         return _linear_tile(h[r0:r1], weight, bias, c0, c1, cdt)
 
-    return _scatter_outputs(labels, pos, *_fold_forward(tile, y, weight.shape[0], like, params, with_stats))
+    return scatter_outputs(labels, pos, *_fold_forward(tile, y, weight.shape[0], like, params, with_stats))
 
 
 def linear_backward(hidden, weight, bias, labels, lse, grad_logps, params: HeadParams, needs):
@@ -257,7 +257,7 @@ def linear_backward(hidden, weight, bias, labels, lse, grad_logps, params: HeadP
     Vocab chunks outermost, so one chunk's dW is accumulated in fp32 and written once.
     """
     need_h, need_w, need_b = needs
-    pos = _valid_positions(labels, params.ignore_index)
+    pos = valid_positions(labels, params.ignore_index)
     y, h, lse = labels[pos], hidden[pos], lse[(slice(None), *pos)]
     cdt, dt = compute_dtype(hidden.dtype), hidden.dtype
     g = grad_logps[pos].to(cdt)
@@ -267,16 +267,16 @@ def linear_backward(hidden, weight, bias, labels, lse, grad_logps, params: HeadP
     dh_acc = h.new_zeros(n, n_hidden, dtype=cdt) if need_h else None
     dw = torch.zeros_like(weight) if need_w else None
     db = torch.zeros_like(bias) if need_b else None
-    for c0, c1 in _spans(n_vocab, cols):
+    for c0, c1 in spans(n_vocab, cols):
         # one vocab chunk's dW, accumulated in the compute dtype (in dW itself when it has that dtype)
         dw_acc = (dw[c0:c1] if dw.dtype == cdt else h.new_zeros(c1 - c0, n_hidden, dtype=cdt)) if need_w else None
-        for r0, r1 in _spans(n, rows):
+        for r0, r1 in spans(n, rows):
             z = _transform_(_linear_tile(h[r0:r1], weight, bias, c0, c1, cdt), params)
             dz = _softmax_grad_(z, y[r0:r1] - c0, lse[:, r0:r1], g[r0:r1], params)
             if need_h:
-                _accumulate_matmul_(dh_acc[r0:r1], dz.to(dt), weight[c0:c1])  # dh = dz · W
+                accumulate_matmul_(dh_acc[r0:r1], dz.to(dt), weight[c0:c1])  # dh = dz · W
             if need_w:
-                _accumulate_matmul_(dw_acc, dz.T.to(dt), h[r0:r1])  # dW = dzᵀ · h
+                accumulate_matmul_(dw_acc, dz.T.to(dt), h[r0:r1])  # dW = dzᵀ · h
             if need_b:
                 db[c0:c1] += dz.sum(0).to(db.dtype)  # db = Σ_rows dz
         if need_w and dw_acc.dtype != dw.dtype:
@@ -310,7 +310,7 @@ def linear_rows_fused(
     g = token_grads(logps, log_sum_sq).to(cdt)
     dz = _softmax_grad_(z, y, torch.stack([row_max, log_sum]), g, params).to(dt)
     if dw_acc is not None:
-        _accumulate_matmul_(dw_acc, dz.T, h_rows)  # dW += dzᵀ · h
+        accumulate_matmul_(dw_acc, dz.T, h_rows)  # dW += dzᵀ · h
     if db_acc is not None:
         db_acc += dz.sum(0)  # db += Σ_rows dz
     return dz @ weight  # dh = dz · W
