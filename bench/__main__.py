@@ -1,0 +1,3 @@
+from fastpref.bench.harness import main
+
+raise SystemExit(main())
