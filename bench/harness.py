@@ -82,7 +82,7 @@ def measure_method(
     errors = check_accuracy(workload, method, x)
     leaves = list(x.leaves.values())
     field, scale = UNITS[workload.unit]
-    labels = x.labels
+    valid_tokens = int((x.labels != IGNORE_INDEX).sum())
     records = []
     for mode in workload.modes:
         run = mode_callable(method, x, mode)
@@ -100,7 +100,7 @@ def measure_method(
                 "hidden": config.hidden,
                 "vocab": config.vocab,
                 "softcap": config.softcap,
-                "valid_tokens": int((labels != IGNORE_INDEX).sum()),
+                "valid_tokens": valid_tokens,
                 "dtype": str(leaves[0].dtype).removeprefix("torch."),
                 "p20_ms": p20,
                 "p50_ms": p50,
@@ -122,8 +122,9 @@ def run(
     repeats: int,
     notes: dict[str, list[str]],
 ) -> list[dict]:
-    """Records of every (workload, config, method, mode); `notes` collects, per skip reason, where
-    a method was skipped."""
+    """Records of every (workload, config, method, mode); `notes` collects, per reason, where a
+    method was skipped (cannot run here) or failed (raised: its other runs and the other methods
+    go on, so one peer's kernel breaking on a machine does not lose the run)."""
     from tqdm import tqdm
 
     plan = [(w, c, m) for c in configs for w in workloads for m in w.methods if m.name in method_names]
@@ -134,13 +135,21 @@ def run(
             bar.set_postfix_str(f"{config.name} {workload.name} {method.name}")
             reason = method.unavailable(config, device)
             if reason:
-                notes.setdefault(f"{method.name} ({workload.name}): {reason}", []).append(config.name)
+                notes.setdefault(f"{method.name} ({workload.name}): skipped, {reason}", []).append(config.name)
                 continue
             key = (workload.name, config.name)
             if key not in floors:
                 floors[key] = measure_floor(workload, config, device, repeats)
-            with environment(method.env):
-                records += measure_method(workload, config, method, device, repeats, floors[key])
+            try:
+                with environment(method.env):
+                    records += measure_method(workload, config, method, device, repeats, floors[key])
+            except Exception as error:  # noqa: BLE001 (reported in the notes and the exit status)
+                message = (str(error).strip().splitlines() or [""])[0][:200]
+                notes.setdefault(
+                    f"{method.name} ({workload.name}): FAILED, {type(error).__name__}: {message}", []
+                ).append(config.name)
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
     return records
 
 
@@ -148,8 +157,21 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m fastpref.bench", description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="small shapes, few repeats (a CPU in under a minute)")
     parser.add_argument("--op", choices=(*OPS, "all"), default="all")
-    parser.add_argument("--configs", nargs="+", choices=tuple(CONFIGS), help="default: model shapes on a GPU")
-    parser.add_argument("--methods", nargs="+", choices=METHOD_NAMES, default=METHOD_NAMES)
+    parser.add_argument(
+        "--configs",
+        nargs="+",
+        choices=tuple(CONFIGS),
+        metavar="CONFIG",
+        help=f"of {', '.join(CONFIGS)}; default: the model shapes on a GPU, the cpu-* ones on a CPU",
+    )
+    parser.add_argument(
+        "--methods",
+        nargs="+",
+        choices=METHOD_NAMES,
+        default=METHOD_NAMES,
+        metavar="METHOD",
+        help=f"of {', '.join(METHOD_NAMES)} (default: all; those that cannot run here are skipped with a note)",
+    )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, help="CPU threads (1 gives steadier timings beside other work)")
     parser.add_argument("--out", type=Path, default=RESULTS, help="where <op>.jsonl and <op>.png go")
@@ -157,7 +179,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run, append the records to <out>/<op>.jsonl, print a markdown table per op, plot <out>/<op>.png."""
+    """Run, append the records to <out>/<op>.jsonl, print a markdown table per op, plot <out>/<op>.png.
+    Exit status 1 when a method failed (the others' records are still written)."""
     args = parse_args(argv)
     device = torch.device(args.device)
     if args.threads:
@@ -179,5 +202,5 @@ def main(argv: Sequence[str] | None = None) -> int:
         if records:
             plot.plot(records, args.out / f"{op}.png", title=f"{op} on {tags['device_name']}")
     for note, where in notes.items():
-        print(f"- skipped {note} [{', '.join(where)}]")
-    return 0
+        print(f"- {note} [{', '.join(where)}]")
+    return 1 if any(": FAILED, " in note for note in notes) else 0

@@ -4,7 +4,8 @@ and backward (the gradient w.r.t. the logits, (B, T, V) in their dtype).
 Work: the logits' bytes, once read forward, read and written backward: fwd+bwd = 3 passes.
 Methods: the textbook head (fp32 log_softmax -> gather -> masked sum), fastpref on each backend,
 TRL's `selective_log_softmax`, Liger's cross-entropy kernel (`reduction='none'`; CUDA only).
-Peers that take no softcap get the softcapped logits, as the model hands them over.
+A peer that takes no softcap (TRL) applies it in torch first, inside the measurement: fused or
+not, the softcap is part of the head's work.
 """
 
 from __future__ import annotations

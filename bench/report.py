@@ -29,7 +29,7 @@ def markdown(op: str, records: Sequence[dict], tags: dict, ceilings: dict) -> st
     """One table: a row per (config, workload, mode, method), in run order."""
     lines = [
         (
-            f"### `{op}` on {tags['device_name']} ({tags['device']}, {tags['threads']} threads), "
+            f"### `{op}` on {tags['device_name']} ({tags['device']}, threads: {tags['threads']}), "
             f"torch {tags['torch']}, triton {tags['triton']}, {tags['timestamp']}"
         ),
         "",

@@ -16,9 +16,11 @@ GradPiece = tuple[str, object, torch.Tensor]
 
 
 class Inputs(Protocol):
-    """Tensors one run consumes. `upstream` is the gradient fed to the output's backward
-    (same shape as the output); `leaves` are the tensors whose gradients are checked."""
+    """Tensors one run consumes. `labels` (B, T) with IGNORE_INDEX where masked; `upstream` is the
+    gradient fed to the output's backward (the output's shape); `leaves` are the tensors whose
+    gradients are checked; `copy()` gives fresh leaves with the same values."""
 
+    labels: torch.Tensor
     upstream: torch.Tensor
 
     @property

@@ -1,6 +1,8 @@
 """The benchmark harness end to end on the smallest CPU shape: the records it appends, the errors
-it measures, the plot; a wrong gradient is caught; a missing peer is skipped with a note."""
+it measures, the plot; a wrong gradient is caught; a missing peer is skipped with a note, a failing
+method noted while the others run."""
 
+import dataclasses
 import json
 import sys
 
@@ -84,3 +86,15 @@ def test_missing_peers_are_skipped_with_a_note(monkeypatch):
     assert {r["method"] for r in records} == {"textbook"}
     assert any(note.startswith("trl") and "not importable" in note for note in notes)
     assert any(note.startswith("liger") and "not importable" in note for note in notes)
+
+
+def test_a_failing_method_is_noted_and_the_others_still_run():
+    def broken(x):
+        raise RuntimeError("kernel launch failed\nsecond line")
+
+    workload = logits.WORKLOADS[0]
+    workload = dataclasses.replace(workload, methods=(Method("broken", broken), *workload.methods))
+    notes = {}
+    records = harness.run([workload], [TINY], ["broken", "textbook"], CPU, repeats=1, notes=notes)
+    assert {r["method"] for r in records} == {"textbook"}
+    assert notes == {"broken (sequence_logps): FAILED, RuntimeError: kernel launch failed": ["cpu-tiny"]}
