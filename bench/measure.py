@@ -44,6 +44,7 @@ def time_ms(
     if device.type == "cuda":
         import triton.testing
 
+        _clear_grads(leaves)
         torch.cuda.synchronize()
         start = time.perf_counter()
         fn()
