@@ -7,24 +7,19 @@ on CPU tensors (that is how CI tests the kernels).
 
 from __future__ import annotations
 
-import importlib
 import os
-from functools import cache
 from types import ModuleType
 
 import torch
 
 from fastpref.backends import torch_chunked
 
+try:  # imported once here, not per call: torch.compile traces backend_for
+    from fastpref.backends import triton_backend
+except ImportError:
+    triton_backend = None
+
 BACKEND_NAMES = ("torch", "triton")
-
-
-@cache
-def _triton_backend() -> ModuleType | None:
-    try:
-        return importlib.import_module("fastpref.backends.triton_backend")
-    except ImportError:
-        return None
 
 
 def backend_for(tensor: torch.Tensor) -> ModuleType:
@@ -34,9 +29,8 @@ def backend_for(tensor: torch.Tensor) -> ModuleType:
         raise ValueError(f"FASTPREF_BACKEND must be one of {list(BACKEND_NAMES)}, got {choice!r}")
     if choice == "torch" or (choice is None and tensor.device.type != "cuda"):
         return torch_chunked
-    backend = _triton_backend()
-    if backend is None:
+    if triton_backend is None:
         if choice == "triton":
             raise ValueError("FASTPREF_BACKEND=triton, but triton cannot be imported")
         return torch_chunked
-    return backend
+    return triton_backend
