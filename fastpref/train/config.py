@@ -52,8 +52,8 @@ class TrainConfig:
     eval_fraction: float = field(
         default=0.2,
         metadata=_help(
-            "Without a test split, the fraction of *prompts* held out for evaluation (pairs sharing a prompt stay "
-            "on one side). 0 disables evaluation."
+            "Without a test split, the fraction of rows held out for evaluation, whole prompts at a time (rows "
+            "sharing a prompt stay on one side). 0 disables evaluation."
         ),
     )
     max_length: int | None = field(
@@ -209,16 +209,17 @@ PRESET_DEFAULTS: dict[str, dict[str, dict]] = {
     "tiny-llama": {
         "*": dict(
             learning_rate=1e-3,
-            max_length=256,
-            max_prompt_length=128,
+            max_length=192,
+            max_prompt_length=96,
             warmup_ratio=0.1,
             lr_scheduler_type="cosine",
             logging_steps=5,
             save_steps=None,
-            num_train_epochs=6.0,
+            num_train_epochs=4.0,
         ),
-        "sft": dict(num_train_epochs=3.0),
-        "dpo": dict(precompute_ref_log_probs=True, sft_warmup_steps=60, sft_warmup_learning_rate=2e-3, eval_steps=22),
+        # Measured on the demo: an SFT warm-up on the chosen responses made held-out accuracy worse
+        # (0.38-0.47 vs 0.64 without), so it is off; `--sft_warmup_steps N` turns it on.
+        "dpo": dict(precompute_ref_log_probs=True, eval_steps=20),
         "rm": dict(learning_rate=5e-4),
     },
     "smollm2-135m": {

@@ -133,6 +133,15 @@ def load_rows(name: str, train_split: str = "train", test_split: str = "test") -
 # --- columns and rendering ---
 
 PAIR_COLUMNS = ("chosen", "rejected")
+LAYOUT_COLUMNS = {
+    "pair": ("prompt", "chosen", "rejected"),
+    "ranked": ("prompt", "ranked"),
+    "completion": ("prompt", "completion"),
+    "chosen": ("prompt", "chosen"),
+    "chosen_only": ("chosen",),
+    "messages": ("messages",),
+    "text": ("text",),
+}
 
 
 def _is_conversation(value) -> bool:
@@ -305,13 +314,23 @@ def rank_from_pairs(items: list[tuple[str, object, list, object]]):
 
 
 def _split_by_prompt(items, fraction: float, seed: int):
-    """Hold out a fraction of the distinct prompts (every row of a prompt on one side)."""
-    keys = list(OrderedDict.fromkeys(_group_key(p) for _, p, _, _ in items))
-    if fraction <= 0 or len(keys) < 2:
+    """Hold out about `fraction` of the rows, whole prompts at a time (every row of a prompt on one side)."""
+    groups: OrderedDict[str, int] = OrderedDict()
+    for _, prompt, _, _ in items:
+        key = _group_key(prompt)
+        groups[key] = groups.get(key, 0) + 1
+    if fraction <= 0 or len(groups) < 2:
         return items, []
+    keys = list(groups)
     random.Random(seed).shuffle(keys)
-    n_eval = min(max(1, math.ceil(fraction * len(keys))), len(keys) - 1)
-    held = set(keys[:n_eval])
+    target, held, count = fraction * len(items), set(), 0
+    for key in keys[:-1]:  # at least one prompt stays for training
+        if count >= target:
+            break
+        if count + groups[key] > 1.5 * target and count > 0:
+            continue  # a large group would overshoot: try smaller ones
+        held.add(key)
+        count += groups[key]
     train = [it for it in items if _group_key(it[1]) not in held]
     test = [it for it in items if _group_key(it[1]) in held]
     return train, test
@@ -350,9 +369,12 @@ def build_splits(config, tokenizer, task: str, listwise: bool = False) -> Splits
         out = []
         for i, row in enumerate(rows):
             row_id = row.get("id", i)
+            for column in LAYOUT_COLUMNS[layout]:
+                if row.get(column) is not None:
+                    values = row[column] if column == "ranked" and isinstance(row[column], list) else [row[column]]
+                    for value in values:
+                        _check_field(row_id, column, value)
             prompt, completions, margin = to_prompt_completions(row, layout, row_id)
-            for column, value in [("prompt", prompt)] + [("completion", c) for c in completions]:
-                _check_field(row_id, column, value)
             out.append((row_id, prompt, completions, margin))
         return out
 

@@ -33,6 +33,12 @@ HHH_NOTICE = (
 
 
 def setup_logging(dist: distributed.Dist) -> None:
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # its per-file bars would interleave with ours
+    except ImportError:
+        pass
     if not log.handlers:
         handler = logging.StreamHandler(sys.stdout)
         handler.setFormatter(logging.Formatter("[fastpref] %(message)s"))
@@ -128,13 +134,15 @@ class Trainer:
         self.autocast, self.bf16 = _autocast_factory(c, self.device)
 
         # reference: precomputed once (cached on disk) or a live frozen copy; none for reference-free losses
-        self.ref_model, self.ref_logps = None, None
+        self.ref_model, self.ref_logps, self.reference = None, None, {"kind": "none"}
         if isinstance(c, DPOConfig) and c.needs_reference():
             if c.precompute_ref_log_probs:
                 self.ref_logps, hit, path = self._precompute(model)
                 log.info("reference log-probs: %s %s", "cache hit" if hit else "computed and cached in", path)
+                self.reference = {"kind": "precomputed", "cache": "hit" if hit else "miss", "path": str(path)}
             else:
                 self.ref_model = modeling.frozen_copy(model)
+                self.reference = {"kind": "live"}
         if c.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             model.config.use_cache = False
@@ -330,7 +338,7 @@ class Trainer:
             c.per_device_train_batch_size, dist.world, c.gradient_accumulation_steps, c.learning_rate, self.device,
             ", bf16 autocast" if self.bf16 else "",
         )
-        summary: dict = {"task": self.task, "model": self.start_model}
+        summary: dict = {"task": self.task, "model": self.start_model, "reference": self.reference}
         if dist.main and self.global_step == 0:
             report = self.head_memory_report()
             if report:

