@@ -58,22 +58,20 @@ def main(argv: list[str] | None = None) -> int:
     from fastpref.train import distributed
     from fastpref.train.loop import train
 
+    dist = distributed.init()
     try:
         summary = train(config)
     except (ValueError, FileNotFoundError, ImportError) as e:
         print(f"fastpref train {task}: error: {e}", file=sys.stderr)
         return 1
     finally:
-        distributed.shutdown(distributed.init())
-    _print_summary(summary)
+        distributed.shutdown(dist)
+    if dist.main:
+        _print_summary(summary)
     return 0
 
 
 def _print_summary(summary: dict) -> None:
-    from fastpref.train.distributed import init
-
-    if not init().main:
-        return
     lines = [f"done: {summary.get('steps')} steps in {summary.get('train_seconds')} s"]
     for split, prefix in (("train (full pass, end)", "train_eval_"), ("held-out", "eval_")):
         n = summary.get(f"{prefix}samples")

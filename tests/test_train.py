@@ -192,7 +192,8 @@ def test_dpo_end_to_end(tmp_path, pairs_file, loss, loss_type):
     assert json.loads((out / "checkpoint-3" / "trainer_state.json").read_text())["global_step"] == 3
     if loss == "dpo":
         assert rows[0]["rewards/margins"] == pytest.approx(0.0, abs=1e-3)  # policy == reference at step 1
-        assert "head_memory" in summary
+        memory = summary["head_memory"]
+        assert 0 < memory["head_peak_mb"] and memory["textbook_head_mb"] > 0
 
 
 def test_dpo_learns_the_preference(tmp_path, pairs_file):
@@ -275,33 +276,39 @@ def test_resume_is_exact(tmp_path, pairs_file, monkeypatch):
 # --- DDP ---
 
 
-def test_ddp_two_processes_match_one(tmp_path, pairs_file):
+def test_ddp_and_fsdp_two_processes_match_one(tmp_path, pairs_file):
     """torchrun with 2 CPU processes (gloo) x 2 pairs gives the same losses as 1 process x 4 pairs on the
-    same global batches, over two steps (so the gradient all-reduce is checked too)."""
+    same global batches, over two steps (so the gradient all-reduce is checked too): DDP, and FSDP2."""
     common = ["--model", model_dir(), "--dataset", str(pairs_file), "--max_steps", "2", "--logging_steps", "1",
               "--learning_rate", "1e-2", "--max_length", "64", "--disable_tqdm", "true", "--plot", "false",
               "--eval_fraction", "0", "--torch_threads", "1"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    def launch(name, launcher, per_device):
+    torchrun = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+
+    def launch(name, launcher, per_device, *extra):
         # output to a file, not a pipe: torchrun's helpers can hold a pipe open past the job's end
         log_file = tmp_path / f"{name}.log"
         with open(log_file, "w") as log:
             done = subprocess.run(
-                [sys.executable, *launcher, "-m", "fastpref.cli", "train", "dpo", *common,
+                [sys.executable, *launcher, "-m", "fastpref.cli", "train", "dpo", *common, *extra,
                  "--per_device_train_batch_size", str(per_device), "--output_dir", str(tmp_path / name)],
                 env=env, stdout=log, stderr=subprocess.STDOUT, timeout=240,
             )
         assert done.returncode == 0, log_file.read_text()[-5000:]
+        return [r for r in read_jsonl(tmp_path / name / "metrics.jsonl") if "loss" in r]
 
-    launch("one", [], 4)
-    launch("two", ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"], 2)
-    one = [r for r in read_jsonl(tmp_path / "one" / "metrics.jsonl") if "loss" in r]
-    two = [r for r in read_jsonl(tmp_path / "two" / "metrics.jsonl") if "loss" in r]
-    assert len(one) == len(two) == 2
-    for a, b in zip(one, two):
-        for name in ("loss", "rewards/margins", "logps/chosen"):
-            assert b[name] == pytest.approx(a[name], rel=1e-4, abs=1e-5), (name, a, b)
-    assert one[1]["loss"] != one[0]["loss"]  # the second step saw the first update
+    one = launch("one", [], 4)
+    assert len(one) == 2 and one[1]["loss"] != one[0]["loss"]  # the second step saw the first update
+    for name, extra in (("ddp", ()), ("fsdp", ("--fsdp", "true"))):
+        two = launch(name, torchrun, 2, *extra)
+        assert len(two) == 2
+        for a, b in zip(one, two):
+            for metric in ("loss", "rewards/margins", "logps/chosen"):
+                assert b[metric] == pytest.approx(a[metric], rel=1e-4, abs=1e-5), (name, metric, a, b)
+    single = _weights(tmp_path / "one")
+    for name in ("ddp", "fsdp"):
+        for key, value in _weights(tmp_path / name).items():
+            torch.testing.assert_close(value, single[key], rtol=1e-4, atol=1e-6, msg=f"{name} {key}")
 
 
 # --- reference cache ---

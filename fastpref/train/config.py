@@ -99,7 +99,9 @@ class TrainConfig:
         default=None, metadata=_help("bf16 autocast; None: on when the GPU supports it (never on CPU by default).")
     )
     disable_dropout: bool = field(default=True, metadata=_help("Set every dropout probability to 0 (TRL's default)."))
-    fsdp: bool = field(default=False, metadata=_help("Shard with FSDP2 (torch fully_shard) instead of DDP; GPUs only."))
+    fsdp: bool = field(
+        default=False, metadata=_help("Shard with FSDP2 (torch fully_shard: each decoder layer, then the whole) instead of DDP.")
+    )
     memory_budget: int | None = field(
         default=None, metadata=_help("Bytes of logits the fused head may hold at once (fastpref's default: 512 MiB).")
     )

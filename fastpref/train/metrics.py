@@ -5,10 +5,12 @@ from __future__ import annotations
 import json
 import math
 import time
+import weakref
 from collections import defaultdict
 from pathlib import Path
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from fastpref.train.distributed import Dist
 
@@ -89,9 +91,35 @@ def peak_memory_mb(device: torch.device) -> float | None:
     return _proc_status_mb("VmHWM")
 
 
+class _LiveBytes(TorchDispatchMode):
+    """Counts the bytes of every storage an op creates while it is alive (a weakref on the storage,
+    whose Python object lives as long as the storage), and their peak."""
+
+    def __init__(self):
+        super().__init__()
+        self.live: dict[int, int] = {}
+        self.current = self.peak = 0
+
+    def _free(self, key: int) -> None:
+        self.current -= self.live.pop(key, 0)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor) and not t.is_meta:
+                storage = t.untyped_storage()
+                key, size = id(storage), storage.nbytes()
+                if size and key not in self.live:
+                    self.live[key] = size
+                    self.current += size
+                    self.peak = max(self.peak, self.current)
+                    weakref.finalize(storage, self._free, key)
+        return out
+
+
 class PeakMeter:
-    """Peak memory above the start of a block: the CUDA allocator's, or on Linux CPU the resident set's
-    high-water mark (reset through /proc/self/clear_refs)."""
+    """Peak memory allocated inside a block: the CUDA allocator's peak, or on CPU the peak of the
+    bytes held by tensors created in the block (tracked op by op)."""
 
     def __init__(self, device: torch.device):
         self.device = device
@@ -103,20 +131,16 @@ class PeakMeter:
             torch.cuda.reset_peak_memory_stats(self.device)
             self.base = torch.cuda.memory_allocated(self.device)
         else:
-            self.base = _proc_status_mb("VmRSS")
-            try:
-                Path("/proc/self/clear_refs").write_text("5")
-            except OSError:
-                self.base = None
+            self.mode = _LiveBytes().__enter__()
         return self
 
     def __exit__(self, *exc):
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
             self.mb = (torch.cuda.max_memory_allocated(self.device) - self.base) / 2**20
-        elif self.base is not None:
-            peak = _proc_status_mb("VmHWM")
-            self.mb = None if peak is None else max(peak - self.base, 0.0)
+        else:
+            self.mode.__exit__(*exc)
+            self.mb = self.mode.peak / 2**20
         return False
 
 
