@@ -32,6 +32,18 @@ HHH_NOTICE = (
 )
 
 
+class _TqdmHandler(logging.Handler):
+    """Log lines above the progress bar instead of through it."""
+
+    def emit(self, record):
+        try:
+            from tqdm.auto import tqdm
+
+            tqdm.write(self.format(record), file=sys.stdout)
+        except ImportError:
+            print(self.format(record), file=sys.stdout)
+
+
 def setup_logging(dist: distributed.Dist) -> None:
     try:
         from transformers.utils import logging as hf_logging
@@ -40,7 +52,7 @@ def setup_logging(dist: distributed.Dist) -> None:
     except ImportError:
         pass
     if not log.handlers:
-        handler = logging.StreamHandler(sys.stdout)
+        handler = _TqdmHandler()
         handler.setFormatter(logging.Formatter("[fastpref] %(message)s"))
         log.addHandler(handler)
         log.propagate = False
