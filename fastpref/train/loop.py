@@ -26,6 +26,7 @@ from fastpref.train.data import Splits, StepSampler, build_splits, collate, eval
 log = logging.getLogger("fastpref.train")
 
 MAX_CONSECUTIVE_SKIPS = 20
+MAX_TRAIN_EVAL = 2048  # examples of the training split scored again at the end, for the summary
 HHH_NOTICE = (
     "HHH alignment (Askell et al. 2021, via BIG-bench, Apache-2.0) is an EVALUATION set: this run trains on part "
     "of it only to show the loop end to end; its numbers are not a benchmark result."
@@ -262,7 +263,8 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self, split: str = "eval") -> dict[str, float]:
-        examples = self.splits.eval if split == "eval" else self.splits.train
+        # the end-of-run pass over the training split is capped: it reports, it does not train
+        examples = self.splits.eval if split == "eval" else self.splits.train[:MAX_TRAIN_EVAL]
         if not examples:
             return {}
         c, dist = self.config, self.dist

@@ -146,6 +146,15 @@ def _is_lm_architecture(name: str) -> bool:
     return name.endswith(("ForCausalLM", "LMHeadModel", "ForConditionalGeneration"))
 
 
+def _fp32() -> dict:
+    """Load weights in float32 (the optimizer's master copy; bf16 comes from autocast), in the keyword
+    this transformers version takes."""
+    import transformers
+
+    major = int(transformers.__version__.split(".")[0])
+    return {"dtype": torch.float32} if major >= 5 else {"torch_dtype": torch.float32}
+
+
 def load_model_and_tokenizer(model_name: str, task: str, seed: int, tokenizer_name: str | None = None):
     """(model, tokenizer) for a preset or a local directory: a causal LM, or for task 'rm' a
     sequence classifier with one label (its scalar head new when the directory holds a causal LM)."""
@@ -160,7 +169,9 @@ def load_model_and_tokenizer(model_name: str, task: str, seed: int, tokenizer_na
         raw = _check_model_dir(path)
         architectures = raw.get("architectures") or []
         if task == "rm":
-            model = AutoModelForSequenceClassification.from_pretrained(str(path), num_labels=1, local_files_only=True)
+            model = AutoModelForSequenceClassification.from_pretrained(
+                str(path), num_labels=1, local_files_only=True, **_fp32()
+            )
         else:
             if architectures and not any(_is_lm_architecture(a) for a in architectures):
                 raise ValueError(
@@ -168,7 +179,7 @@ def load_model_and_tokenizer(model_name: str, task: str, seed: int, tokenizer_na
                     "needs a causal LM (…ForCausalLM) to score tokens"
                 )
             model, info = AutoModelForCausalLM.from_pretrained(
-                str(path), local_files_only=True, output_loading_info=True
+                str(path), local_files_only=True, output_loading_info=True, **_fp32()
             )
             missing = [k for k in info.get("missing_keys", []) if "lm_head" in k or "embed_out" in k]
             if missing and not getattr(model.config, "tie_word_embeddings", False):
