@@ -169,6 +169,8 @@ def load_model_and_tokenizer(model_name: str, task: str, seed: int, tokenizer_na
         raw = _check_model_dir(path)
         architectures = raw.get("architectures") or []
         if task == "rm":
+            if not any(a.endswith("ForSequenceClassification") for a in architectures):
+                log.info("reward model: a new scalar head on %s's decoder (its LM head is not used)", model_name)
             model = AutoModelForSequenceClassification.from_pretrained(
                 str(path), num_labels=1, local_files_only=True, **_fp32()
             )
