@@ -1,4 +1,5 @@
-"""`fastpref train sft|dpo|rm [options]`: the command line of the training loop.
+"""`fastpref train sft|dpo|rm [options]`, the training loop; `fastpref bench [options]`, the
+benchmarks against the textbook head and the peers (`fastpref bench --help`).
 
     fastpref train dpo                      # the embedded demo: tiny Llama, GPT-2 tokenizer, HHH pairs
     fastpref train dpo --model ./my-llama --dataset pairs.jsonl --loss_type sigmoid --beta 0.1
@@ -29,6 +30,7 @@ def _top_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", metavar="command")
     train = commands.add_parser("train", help="train a model (sft, dpo, rm)", add_help=True)
     train.add_argument("task", choices=sorted(TASKS), help="; ".join(f"{k}: {v}" for k, v in TASKS.items()))
+    commands.add_parser("bench", help="benchmarks vs the textbook head and TRL / Liger / CCE (python -m fastpref.bench)")
     return parser
 
 
@@ -38,8 +40,12 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         parser.print_help()
         return 0 if argv else 2
+    if argv[0] == "bench":
+        from fastpref.bench import main as bench_main
+
+        return bench_main(argv[1:])
     if argv[0] != "train":
-        parser.error(f"unknown command {argv[0]!r} (choose: train)")
+        parser.error(f"unknown command {argv[0]!r} (choose: train, bench)")
     if len(argv) < 2 or argv[1] not in TASKS:
         if len(argv) >= 2 and argv[1] in ("-h", "--help"):
             parser.parse_args(argv)  # prints `train`'s help and exits

@@ -82,3 +82,12 @@ def test_unknown_yaml_option_is_named(tmp_path):
     path.write_text("betaa: 0.1\n")
     with pytest.raises(ValueError, match=r"unknown option\(s\) \['betaa'\]"):
         parse_config("dpo", ["--config", str(path)])
+
+
+def test_bench_command_reaches_the_harness(capsys):
+    from fastpref.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["bench", "--help"])
+    assert exit_info.value.code == 0
+    assert "--quick" in capsys.readouterr().out
