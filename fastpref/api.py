@@ -13,7 +13,14 @@ from typing import NamedTuple
 
 import torch
 
-from fastpref._checks import check_choice, check_positive, check_same_device, check_shape, check_tensor
+from fastpref._checks import (
+    check_choice,
+    check_interval,
+    check_positive,
+    check_same_device,
+    check_shape,
+    check_tensor,
+)
 from fastpref import losses
 from fastpref.backends import backend_for, torch_chunked
 from fastpref.losses import check_dpo_options, is_batch_coupled
@@ -260,8 +267,8 @@ def linear_dpo_loss(
         memory_budget = DEFAULT_MEMORY_BUDGET
     elif not isinstance(memory_budget, int) or isinstance(memory_budget, bool) or memory_budget <= 0:
         raise ValueError(f"memory_budget must be a positive number of bytes, got {memory_budget!r}")
-    if ld_alpha is not None and not (isinstance(ld_alpha, (int, float)) and 0.0 <= ld_alpha <= 1.0):
-        raise ValueError(f"ld_alpha must be None or a number in [0, 1], got {ld_alpha!r}")
+    if ld_alpha is not None:
+        check_interval("ld_alpha", ld_alpha, 0.0, 1.0, closed_high=True)
     if not isinstance(use_weighting, bool):
         raise TypeError(f"use_weighting must be a bool, got {type(use_weighting).__name__}")
     loss_options = dict(
