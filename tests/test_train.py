@@ -34,6 +34,9 @@ _COLOURS = ["red", "blue", "green", "yellow", "black", "white", "orange", "purpl
 _THINGS = ["sky", "grass", "sun", "snow", "coal", "sea", "leaf", "plum"]
 
 
+# Tokenizer and model folders shared by the whole session, removed when the session's process exits.
+_SESSION_DIR = tempfile.TemporaryDirectory(prefix="fastpref-tests-")
+
 def pair_rows(n_prompts: int = 12, pairs_per_prompt: int = 2) -> list[dict]:
     """Synthetic preference pairs (strings): a helpful answer beats a dismissive one."""
     rows = []
@@ -77,7 +80,7 @@ def tokenizer_dir() -> str:
         tokenizer_object=backend, unk_token="<unk>", pad_token="<pad>", eos_token="<eos>", bos_token="<eos>"
     )
     tok.chat_template = modeling.SIMPLE_CHAT_TEMPLATE
-    folder = tempfile.mkdtemp(prefix="fastpref-tok-")
+    folder = tempfile.mkdtemp(prefix="fastpref-tok-", dir=_SESSION_DIR.name)
     tok.save_pretrained(folder)
     return folder
 
@@ -106,7 +109,7 @@ def model_dir(family: str = "llama", dropout: float = 0.0) -> str:
     overrides = {"attention_dropout": dropout} if dropout else {}
     torch.manual_seed(0)
     model = transformers.AutoModelForCausalLM.from_config(tiny_config(family, **overrides))
-    folder = tempfile.mkdtemp(prefix=f"fastpref-{family}-")
+    folder = tempfile.mkdtemp(prefix=f"fastpref-{family}-", dir=_SESSION_DIR.name)
     model.save_pretrained(folder)
     shutil.copytree(tokenizer_dir(), folder, dirs_exist_ok=True)
     return folder
