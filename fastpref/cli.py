@@ -1,10 +1,13 @@
 """`fastpref train sft|dpo|rm [options]`, the training loop; `fastpref bench [options]`, the
-benchmarks against the textbook head and the peers (`fastpref bench --help`).
+benchmarks against the textbook head and the peers (`fastpref bench --help`); `fastpref score
+[options]`, in-context preference scoring (ICDPO) of candidate responses (`fastpref score --help`).
 
     fastpref train dpo                      # the embedded demo: tiny Llama, GPT-2 tokenizer, HHH pairs
     fastpref train dpo --model ./my-llama --dataset pairs.jsonl --loss_type sigmoid --beta 0.1
     fastpref train dpo --config run.yaml --learning_rate 5e-7     # YAML options, command line wins
     torchrun --nproc_per_node 2 -m fastpref.cli train dpo ...     # DDP (add --fsdp for FSDP2 on GPUs)
+
+    fastpref score --model smollm2-135m --prompt "..." --candidates "..." "..." --k 2
 
 `fastpref train <task> --help` lists every option (names follow TRL's configs).
 """
@@ -12,6 +15,7 @@ benchmarks against the textbook head and the peers (`fastpref bench --help`).
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 
 TASKS = {
@@ -31,7 +35,53 @@ def _top_parser() -> argparse.ArgumentParser:
     train = commands.add_parser("train", help="train a model (sft, dpo, rm)", add_help=True)
     train.add_argument("task", choices=sorted(TASKS), help="; ".join(f"{k}: {v}" for k, v in TASKS.items()))
     commands.add_parser("bench", help="benchmarks vs the textbook head and TRL / Liger / CCE (python -m fastpref.bench)")
+    commands.add_parser("score", help="rank candidate responses by in-context preference (ICDPO)")
     return parser
+
+
+def _score_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="fastpref score",
+        description="Rank candidate responses to a prompt by ICDPO's s = log p(y | demos, x) - log p(y | x): k "
+        "demonstrations (prompt, chosen) retrieved by BM25 from a preference file (fastpref.icdpo).",
+    )
+    parser.add_argument("--model", required=True, help="a local transformers causal-LM directory or a preset: tiny-llama, smollm2-135m")
+    parser.add_argument("--prompt", required=True, help="the user prompt")
+    parser.add_argument("--candidates", required=True, nargs="+", help="candidate responses")
+    parser.add_argument("--demonstrations", default="hhh", help="preference JSONL (prompt / chosen / rejected strings) or 'hhh'")
+    parser.add_argument("--k", type=int, default=2, help="demonstrations in the expert context")
+    parser.add_argument("--batch_size", type=int, default=8, help="sequences per forward pass")
+    parser.add_argument("--max_length", type=int, default=None, help="drop demonstrations until context + candidate fit")
+    parser.add_argument("--json", action="store_true", help="print the result as JSON")
+    return parser
+
+
+def _score(argv: list[str]) -> int:
+    args = _score_parser().parse_args(argv)
+    from fastpref import icdpo
+    from fastpref.train.modeling import load_model_and_tokenizer
+
+    try:
+        pool = icdpo.DemonstrationPool(icdpo.read_pairs(args.demonstrations))
+        demos = pool.retrieve(args.prompt, args.k)
+        model, tokenizer = load_model_and_tokenizer(args.model, "dpo", seed=0)
+        scores = icdpo.score(model, tokenizer, args.prompt, args.candidates, demos,
+                             batch_size=args.batch_size, max_length=args.max_length)
+    except (ValueError, FileNotFoundError, ImportError) as e:
+        print(f"fastpref score: error: {e}", file=sys.stderr)
+        return 1
+    ranked = [
+        {"candidate": args.candidates[i], "score": scores.score[i].item(), "expert_logp": scores.expert[i].item(),
+         "amateur_logp": scores.amateur[i].item(), "tokens": int(scores.lengths[i])}
+        for i in scores.ranking
+    ]
+    if args.json:
+        print(json.dumps({"prompt": args.prompt, "demonstrations": [d.prompt for d in demos], "ranked": ranked}, indent=1))
+    else:
+        print(f"{'score':>9} {'expert':>9} {'amateur':>9}  candidate (best first; k = {len(demos)} demonstrations)")
+        for row in ranked:
+            print(f"{row['score']:9.3f} {row['expert_logp']:9.3f} {row['amateur_logp']:9.3f}  {row['candidate']}")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -44,8 +94,10 @@ def main(argv: list[str] | None = None) -> int:
         from fastpref.bench import main as bench_main
 
         return bench_main(argv[1:])
+    if argv[0] == "score":
+        return _score(argv[1:])
     if argv[0] != "train":
-        parser.error(f"unknown command {argv[0]!r} (choose: train, bench)")
+        parser.error(f"unknown command {argv[0]!r} (choose: train, bench, score)")
     if len(argv) < 2 or argv[1] not in TASKS:
         if len(argv) >= 2 and argv[1] in ("-h", "--help"):
             parser.parse_args(argv)  # prints `train`'s help and exits

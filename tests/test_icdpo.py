@@ -1,0 +1,126 @@
+"""fastpref.icdpo: BM25 retrieval, the expert / amateur contexts, and the contrastive scores and
+ranking on a tiny Llama with the word-level test tokenizer."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+pytest.importorskip("tqdm")
+
+import transformers
+from test_train import model_dir, pair_rows, tiny_config, tokenizer_dir, write_jsonl
+
+from fastpref import icdpo
+from fastpref.train.data import Renderer
+
+PAIRS = pair_rows(6, 2)
+
+
+@pytest.fixture(scope="module")
+def model_and_tokenizer():
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(tiny_config("llama")).eval()
+    return model, transformers.AutoTokenizer.from_pretrained(tokenizer_dir())
+
+
+def test_bm25_prefers_shared_rare_words():
+    bm25 = icdpo.BM25(["the red sky", "the green grass", "the sea the sea"])
+    scores = bm25.scores("what colour is the grass ?")
+    assert scores.index(max(scores)) == 1
+    assert bm25.scores("nothing in common") == [0.0, 0.0, 0.0]
+
+
+def test_retrieve_excludes_the_query_prompt_and_keeps_one_demo_per_prompt():
+    pool = icdpo.DemonstrationPool(PAIRS)
+    assert len(pool.demonstrations) == 6  # 12 pairs, 6 prompts
+    query = PAIRS[2]["prompt"]  # "what colour is the sky number 1 ?" shares words with every prompt
+    demos = pool.retrieve(query, 3)
+    assert len(demos) == 3 and query not in [d.prompt for d in demos]
+    assert len({d.prompt for d in demos}) == 3
+    assert all(d.response == next(r["chosen"] for r in PAIRS if r["prompt"] == d.prompt) for d in demos)
+    assert pool.retrieve(query, 0) == []
+    assert len(pool.retrieve(query, 99)) == 5
+    with pytest.raises(ValueError, match="k must"):
+        pool.retrieve(query, -1)
+
+
+def test_retrieve_orders_the_most_similar_next_to_the_query():
+    pool = icdpo.DemonstrationPool([
+        {"prompt": "sky colour", "chosen": "blue"},
+        {"prompt": "grass", "chosen": "green"},
+        {"prompt": "sea", "chosen": "blue too"},
+    ])
+    assert [d.prompt for d in pool.retrieve("what colour is the sky", 2)][-1] == "sky colour"
+
+
+def test_contexts_hold_the_demos_and_the_candidate_alone_is_scored(model_and_tokenizer):
+    _, tokenizer = model_and_tokenizer
+    demos = [icdpo.Demonstration("what colour is the sun number 3 ?", "the sun is green , i am glad to help .")]
+    query = icdpo.Query("what colour is the sky number 1 ?", ["the sky is blue .", "go away ."], demos)
+    expert, amateur, candidates = icdpo.build_sequences(Renderer(tokenizer), query)
+    decode = tokenizer.decode
+    assert "sun number 3" in decode(expert) and "the sun is green" in decode(expert)
+    assert "sun" not in decode(amateur)
+    assert expert[-len(amateur):] == amateur  # the demos come before the very same query turn
+    assert [decode(c) for c in candidates] == ["the sky is blue . <eos>", "go away . <eos>"]
+    # max_length drops demonstrations until the candidates fit
+    short, _, _ = icdpo.build_sequences(Renderer(tokenizer), query, max_length=len(amateur) + 6)
+    assert short == amateur
+
+
+def _textbook_logps(model, context, candidate):
+    ids = torch.tensor([context + candidate])
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits[0, :-1].double()
+    logp = torch.log_softmax(logits, -1).gather(-1, ids[0, 1:, None]).squeeze(-1)
+    return logp[len(context) - 1 :].sum().item()  # the candidate's tokens only
+
+
+def test_scores_are_expert_minus_amateur_and_rank_best_first(model_and_tokenizer):
+    model, tokenizer = model_and_tokenizer
+    demos = icdpo.DemonstrationPool(PAIRS).retrieve(PAIRS[0]["prompt"], 2)
+    candidates = [PAIRS[0]["chosen"], PAIRS[0]["rejected"], PAIRS[1]["rejected"]]
+    scores = icdpo.score(model, tokenizer, PAIRS[0]["prompt"], candidates, demos, batch_size=2, progress=False)
+    assert scores.expert.shape == scores.amateur.shape == scores.score.shape == scores.lengths.shape == (3,)
+    expert, amateur, ids = icdpo.build_sequences(Renderer(tokenizer), icdpo.Query(PAIRS[0]["prompt"], candidates, demos))
+    for i, candidate_ids in enumerate(ids):
+        assert scores.expert[i].item() == pytest.approx(_textbook_logps(model, expert, candidate_ids), abs=1e-4)
+        assert scores.amateur[i].item() == pytest.approx(_textbook_logps(model, amateur, candidate_ids), abs=1e-4)
+        assert scores.lengths[i] == len(candidate_ids)
+    torch.testing.assert_close(scores.score, scores.expert - scores.amateur)
+    assert scores.ranking == sorted(range(3), key=lambda i: -scores.score[i].item())
+    assert scores.best == scores.ranking[0]
+    assert icdpo.rerank(candidates, scores)[0] == candidates[scores.best]
+    one_by_one = icdpo.score(model, tokenizer, PAIRS[0]["prompt"], candidates, demos, batch_size=1, progress=False)
+    torch.testing.assert_close(one_by_one.score, scores.score, rtol=1e-5, atol=1e-5)
+
+
+def test_bad_input_names_the_argument(model_and_tokenizer):
+    model, tokenizer = model_and_tokenizer
+    with pytest.raises(ValueError, match="candidates"):
+        icdpo.score(model, tokenizer, "hi", [], [], progress=False)
+    with pytest.raises(ValueError, match="demonstrations"):
+        icdpo.score(model, tokenizer, "hi", ["hello"], ["not a pair"], progress=False)
+    with pytest.raises(ValueError, match="batch_size"):
+        icdpo.score(model, tokenizer, "hi", ["hello"], [], batch_size=0, progress=False)
+    with pytest.raises(FileNotFoundError, match="demonstrations"):
+        icdpo.read_pairs("no-such-file.jsonl")
+
+
+def test_score_cli_ranks_the_candidates(tmp_path, capsys):
+    from fastpref.cli import main
+
+    pairs = write_jsonl(tmp_path / "pairs.jsonl", PAIRS)
+    code = main([
+        "score", "--model", model_dir(), "--prompt", PAIRS[0]["prompt"], "--candidates", "go away .", "no .",
+        "--demonstrations", str(pairs), "--k", "2", "--json",
+    ])
+    assert code == 0
+    out = json.loads(capsys.readouterr().out)
+    assert [c["candidate"] for c in out["ranked"]] != [] and len(out["ranked"]) == 2
+    assert out["ranked"][0]["score"] >= out["ranked"][1]["score"]
+    assert len(out["demonstrations"]) == 2
