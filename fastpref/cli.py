@@ -45,13 +45,19 @@ def _score_parser() -> argparse.ArgumentParser:
         description="Rank candidate responses to a prompt by ICDPO's s = log p(y | demos, x) - log p(y | x): k "
         "demonstrations (prompt, chosen) retrieved by BM25 from a preference file (fastpref.icdpo).",
     )
-    parser.add_argument("--model", required=True, help="a local transformers causal-LM directory or a preset: tiny-llama, smollm2-135m")
+    parser.add_argument(
+        "--model", required=True, help="a local transformers causal-LM directory or a preset: tiny-llama, smollm2-135m"
+    )
     parser.add_argument("--prompt", required=True, help="the user prompt")
     parser.add_argument("--candidates", required=True, nargs="+", help="candidate responses")
-    parser.add_argument("--demonstrations", default="hhh", help="preference JSONL (prompt / chosen / rejected strings) or 'hhh'")
+    parser.add_argument(
+        "--demonstrations", default="hhh", help="preference JSONL (prompt / chosen / rejected strings) or 'hhh'"
+    )
     parser.add_argument("--k", type=int, default=2, help="demonstrations in the expert context")
     parser.add_argument("--batch_size", type=int, default=8, help="sequences per forward pass")
-    parser.add_argument("--max_length", type=int, default=None, help="drop demonstrations until context + candidate fit")
+    parser.add_argument(
+        "--max_length", type=int, default=None, help="drop demonstrations until context + candidate fit"
+    )
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
     return parser
 
@@ -76,7 +82,8 @@ def _score(argv: list[str]) -> int:
         for i in scores.ranking
     ]
     if args.json:
-        print(json.dumps({"prompt": args.prompt, "demonstrations": [d.prompt for d in demos], "ranked": ranked}, indent=1))
+        result = {"prompt": args.prompt, "demonstrations": [d.prompt for d in demos], "ranked": ranked}
+        print(json.dumps(result, indent=1))
     else:
         print(f"{'score':>9} {'expert':>9} {'amateur':>9}  candidate (best first; k = {len(demos)} demonstrations)")
         for row in ranked:
