@@ -230,10 +230,13 @@ def _linear_tile(h_rows, weight, bias, c0, c1, cdt):
 
 
 def accumulate_matmul_(acc, a, b) -> None:
-    """acc += a @ b in acc's (compute) dtype. Half-precision operands are upcast first: rounding
-    each chunk's product to bf16 before summing biases the gradient (TRL found entropy drifting)."""
+    """acc += a @ b in acc's (compute) dtype. Half-precision products are never rounded to half
+    before the sum (rounding each chunk's product to bf16 biases the gradient: TRL saw entropy
+    drift): on CUDA the GEMM writes fp32 directly; elsewhere the operands are upcast."""
     if acc.dtype == a.dtype:
         acc.addmm_(a, b)
+    elif acc.is_cuda:
+        torch.addmm(acc, a, b, out_dtype=acc.dtype, out=acc)
     else:
         acc.addmm_(a.to(acc.dtype), b.to(acc.dtype))
 
