@@ -86,7 +86,8 @@ def test_scores_are_expert_minus_amateur_and_rank_best_first(model_and_tokenizer
     candidates = [PAIRS[0]["chosen"], PAIRS[0]["rejected"], PAIRS[1]["rejected"]]
     scores = icdpo.score(model, tokenizer, PAIRS[0]["prompt"], candidates, demos, batch_size=2, progress=False)
     assert scores.expert.shape == scores.amateur.shape == scores.score.shape == scores.lengths.shape == (3,)
-    expert, amateur, ids = icdpo.build_sequences(Renderer(tokenizer), icdpo.Query(PAIRS[0]["prompt"], candidates, demos))
+    query = icdpo.Query(PAIRS[0]["prompt"], candidates, demos)
+    expert, amateur, ids = icdpo.build_sequences(Renderer(tokenizer), query)
     for i, candidate_ids in enumerate(ids):
         assert scores.expert[i].item() == pytest.approx(_textbook_logps(model, expert, candidate_ids), abs=1e-4)
         assert scores.amateur[i].item() == pytest.approx(_textbook_logps(model, amateur, candidate_ids), abs=1e-4)

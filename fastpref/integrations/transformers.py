@@ -62,4 +62,6 @@ def dpo_loss(model, input_ids, attention_mask, labels, ref_chosen_logps, ref_rej
         if name in dpo_options:
             raise ValueError(f"{name} comes from the model's head and config; do not pass it to dpo_loss")
     hidden, weight, shifted, kwargs = _head_inputs(model, input_ids, attention_mask, labels)
-    return fastpref.linear_dpo_loss(hidden, weight, shifted, ref_chosen_logps, ref_rejected_logps, **kwargs, **dpo_options)
+    return fastpref.linear_dpo_loss(
+        hidden, weight, shifted, ref_chosen_logps, ref_rejected_logps, **kwargs, **dpo_options
+    )

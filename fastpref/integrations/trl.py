@@ -35,7 +35,9 @@ except ImportError as e:  # pragma: no cover - depends on the install
     raise ImportError(f"fastpref.integrations.trl needs TRL 1.16 ({e}): pip install 'fastpref[trl]'") from e
 
 
-def _fastpref_head_forward(self, *args, fused_lm_head=False, labels=None, shift_labels=None, num_items_in_batch=None, **kwargs):
+def _fastpref_head_forward(
+    self, *args, fused_lm_head=False, labels=None, shift_labels=None, num_items_in_batch=None, **kwargs
+):
     """TRL's fused-head contract (`FusedCausalLMOutput`, zeros where the label is -100) from fastpref.
     Without `fused_lm_head=True` it is the model's own forward (generation is unchanged)."""
     if not fused_lm_head:
