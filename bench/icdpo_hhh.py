@@ -50,8 +50,9 @@ def load(model_name: str):
     return model, tokenizer
 
 
-def accuracy(right: list[bool]) -> float:
-    return sum(right) / len(right)
+def accuracy(right: list[torch.Tensor]) -> float:
+    """The fraction of true (0-d bool tensor) outcomes."""
+    return round(sum(bool(r) for r in right) / len(right), 4)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -93,9 +94,9 @@ def main(argv: list[str] | None = None) -> int:
             "seconds": round(seconds, 1),
         }
         result["runs"].append(run)
-        print(json.dumps(run))
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
+        print(json.dumps(run), flush=True)
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(result, indent=1) + "\n")  # after every k: a partial run keeps its numbers
     print(f"wrote {args.out}")
     return 0
 
