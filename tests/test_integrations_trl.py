@@ -64,7 +64,7 @@ def _max_differences(stock: list[dict], patched: list[dict]) -> dict[str, float]
     [
         ({}, 1e-4),
         ({"loss_type": ["sigmoid", "ipo"], "loss_weights": [1.0, 0.5], "use_weighting": True}, 1e-4),
-        ({"bf16": True}, 2e-2),  # both heads under bf16 autocast: TRL's tiles and fastpref's round differently
+        ({"bf16": True}, 2e-2),  # both heads on bf16 operands under autocast: they round differently
     ],
     ids=["sigmoid", "sigmoid+ipo+wpo", "bf16-autocast"],
 )

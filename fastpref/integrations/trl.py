@@ -25,6 +25,8 @@ from __future__ import annotations
 import functools
 import types
 
+import torch
+
 import fastpref
 from fastpref.train.modeling import head_of
 
@@ -54,6 +56,9 @@ def _fastpref_head_forward(
         hidden, labels = backbone_outputs.last_hidden_state, shift_labels
     head = head_of(self)
     hidden, labels = hidden.to(head.weight.device), labels.to(head.weight.device)
+    device_type = hidden.device.type
+    if torch.is_autocast_enabled(device_type):  # the head's GEMMs in the autocast dtype, as TRL's run under autocast
+        hidden = hidden.to(torch.get_autocast_dtype(device_type))
     weight = head.weight.to(hidden.dtype)
     bias = None if head.bias is None else head.bias.to(hidden.dtype)
     log_probs, stats = fastpref.linear_token_logps(
