@@ -25,7 +25,7 @@ import torch
 from fastpref import icdpo
 from fastpref.bench.machine import tags
 from fastpref.train.data import _split_by_prompt
-from fastpref.train.modeling import _smollm2_dir, load_model_and_tokenizer
+from fastpref.train.modeling import load_model_and_tokenizer
 
 EVAL_FRACTION, SEED = 0.2, 42  # fastpref.train's defaults: the demo's held-out split
 
@@ -35,19 +35,6 @@ def held_out_split(pairs: list[dict]) -> tuple[list[dict], list[dict]]:
     items = [(i, row["prompt"], [row["chosen"], row["rejected"]], None) for i, row in enumerate(pairs)]
     train, held = _split_by_prompt(items, EVAL_FRACTION, SEED)
     return [pairs[i] for i, *_ in train], [pairs[i] for i, *_ in held]
-
-
-def load(model_name: str):
-    """(model, tokenizer). SmolLM2 is loaded here straight in float32: `modeling._smollm2` calls `.float()` on
-    the GGUF-loaded model, which transformers 5.23 refuses for a quantized model."""
-    if model_name != "smollm2-135m":
-        return load_model_and_tokenizer(model_name, "dpo", seed=SEED)
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    folder, name = _smollm2_dir()
-    tokenizer = AutoTokenizer.from_pretrained(str(folder), gguf_file=name)
-    model = AutoModelForCausalLM.from_pretrained(str(folder), gguf_file=name, dtype=torch.float32)
-    return model, tokenizer
 
 
 def accuracy(right: list[torch.Tensor]) -> float:
@@ -67,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     pairs = icdpo.read_pairs("hhh")
     train, held = held_out_split(pairs)
     pool = icdpo.DemonstrationPool(train)
-    model, tokenizer = load(args.model)
+    model, tokenizer = load_model_and_tokenizer(args.model, "dpo", seed=SEED)
     torch.manual_seed(SEED)
     result = {
         "model": args.model,

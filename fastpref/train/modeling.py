@@ -103,7 +103,7 @@ def _smollm2(task: str):
     folder, name = _smollm2_dir()
     log.info("loading SmolLM2-135M-Instruct from %s (dequantizing the GGUF takes ~20 s)", folder / name)
     tokenizer = AutoTokenizer.from_pretrained(str(folder), gguf_file=name)
-    loaded = AutoModelForCausalLM.from_pretrained(str(folder), gguf_file=name).float()
+    loaded = AutoModelForCausalLM.from_pretrained(str(folder), gguf_file=name, **_fp32())
     config = loaded.config
     if hasattr(config, "quantization_config"):
         del config.quantization_config  # save_pretrained refuses GGUF-loaded models: rebuild plainly
