@@ -108,16 +108,17 @@ def fused_rows_budget(hidden: torch.Tensor, n_vocab: int, memory_budget: int) ->
 class LinearDPO(torch.autograd.Function):
     """Single-pass fused loss. Inputs: hidden (M, T, H), weight (V, H), bias (V,) or None,
     labels (M, T), ref_chosen / ref_rejected (B,) or None, chosen_idx / rejected_idx (B,) into M,
-    params. Outputs: loss (), and, not differentiable, chosen/rejected rewards and log-probs (B,)."""
+    params, and from the planning in `linear_dpo`: valid_counts (M,) and rows_per_pair (B ints). Outputs: loss (), and, not differentiable, chosen/rejected rewards and log-probs (B,)."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, labels, ref_c, ref_r, chosen_idx, rejected_idx, params: DPOParams):
+    def forward(
+        ctx, hidden, weight, bias, labels, ref_c, ref_r, chosen_idx, rejected_idx, params: DPOParams, valid_counts,
+        rows_per_pair: list[int],
+    ):  # fmt: skip
         backend = backend_for(hidden)
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         cdt, head = compute_dtype(hidden.dtype), params.head
         n_pairs = chosen_idx.numel()
-        valid_counts = (labels != head.ignore_index).sum(-1)
-        rows_per_pair = (valid_counts[chosen_idx] + valid_counts[rejected_idx]).tolist()
         max_rows = fused_rows_budget(hidden, weight.shape[0], params.memory_budget)
         batch_totals = (valid_counts[chosen_idx].sum(), n_pairs)
 
@@ -167,7 +168,7 @@ class LinearDPO(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss, *_):
         grads = tuple(None if g is None else grad_loss.to(g.dtype) * g for g in ctx.saved_tensors)
-        return *grads, None, None, None, None, None, None
+        return *grads, None, None, None, None, None, None, None, None
 
 
 def two_pass_dpo(hidden, weight, bias, labels, ref_c, ref_r, chosen_idx, rejected_idx, params: DPOParams):
@@ -188,14 +189,15 @@ def two_pass_dpo(hidden, weight, bias, labels, ref_c, ref_r, chosen_idx, rejecte
 
 def linear_dpo(hidden, weight, bias, labels, ref_c, ref_r, chosen_idx, rejected_idx, params: DPOParams):
     """Choose the single pass where the loss decomposes over pairs and one pair fits the budget."""
-    valid_counts = (labels != params.head.ignore_index).sum(-1)
-    largest_pair = int((valid_counts[chosen_idx] + valid_counts[rejected_idx]).max()) if chosen_idx.numel() else 0
+    valid_counts = (labels != params.head.ignore_index).sum(-1)  # (M,) valid tokens per sequence
+    rows_per_pair = (valid_counts[chosen_idx] + valid_counts[rejected_idx]).tolist()
     loss_type = params.loss_options["loss_type"]
     # sft's WPO weighting takes the batch's mean weight (TRL), which a pair chunk does not know
     batch_coupled = is_batch_coupled(loss_type) or (params.use_weighting and "sft" in _names(loss_type))
-    single_pass = not batch_coupled and largest_pair <= fused_rows_budget(hidden, weight.shape[0], params.memory_budget)
-    run = LinearDPO.apply if single_pass else two_pass_dpo
-    loss, rewards_c, rewards_r, logps_c, logps_r = run(
-        hidden, weight, bias, labels, ref_c, ref_r, chosen_idx, rejected_idx, params
-    )
+    fits = max(rows_per_pair, default=0) <= fused_rows_budget(hidden, weight.shape[0], params.memory_budget)
+    inputs = (hidden, weight, bias, labels, ref_c, ref_r, chosen_idx, rejected_idx, params)
+    if batch_coupled or not fits:
+        loss, rewards_c, rewards_r, logps_c, logps_r = two_pass_dpo(*inputs)
+    else:
+        loss, rewards_c, rewards_r, logps_c, logps_r = LinearDPO.apply(*inputs, valid_counts, rows_per_pair)
     return PreferenceOutput(loss, rewards_c, rewards_r, logps_c, logps_r)
