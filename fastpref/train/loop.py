@@ -135,7 +135,7 @@ class Trainer:
         )
         if c.disable_dropout:
             modeling.disable_dropout(model)
-        if self.task != "rm":
+        if self.task != "reward":
             modeling.head_of(model)  # a clear error now for a model without a usable LM head
         self.splits: Splits = build_splits(c, self.tokenizer, self.task, self.listwise)
         if c.dataset_name == "hhh":
@@ -216,7 +216,7 @@ class Trainer:
     def head_memory_report(self) -> dict | None:
         """Peak memory of the loss head alone (forward + backward) on one training batch, beside the
         textbook head's N x V logits + fp32 log_softmax computed from the same shapes."""
-        if self.task == "rm" or self.config.fsdp:
+        if self.task == "reward" or self.config.fsdp:
             return None
         examples = self.splits.train
         indices = self.sampler.micro_batches(0, 0)[0]

@@ -107,7 +107,7 @@ def _smollm2(task: str):
     config = loaded.config
     if hasattr(config, "quantization_config"):
         del config.quantization_config  # save_pretrained refuses GGUF-loaded models: rebuild plainly
-    if task == "rm":
+    if task == "reward":
         config.num_labels = 1
         model = AutoModelForSequenceClassification.from_config(config)
         model.load_state_dict(loaded.state_dict(), strict=False)
@@ -124,7 +124,7 @@ def _tiny_llama(task: str, seed: int):
     config = tiny_llama_config(len(tokenizer), tokenizer.eos_token_id)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        if task == "rm":
+        if task == "reward":
             config.num_labels = 1
             model = LlamaForSequenceClassification(config)
         else:
@@ -136,8 +136,7 @@ def _check_model_dir(path: Path) -> dict:
     config_file = path / "config.json"
     if not path.is_dir() or not config_file.exists():
         raise FileNotFoundError(
-            f"model {str(path)!r} is neither a local transformers model directory (with config.json) nor a preset "
-            f"{list(PRESETS)}; nothing is downloaded"
+            f"model {str(path)!r} is not a transformers model directory (it has no config.json)"
         )
     return json.loads(config_file.read_text())
 
@@ -165,10 +164,12 @@ def load_model_and_tokenizer(model_name: str, task: str, seed: int, tokenizer_na
     elif model_name == "smollm2-135m":
         model, tokenizer = _smollm2(task)
     else:
-        path = Path(model_name)
+        from fastpref.train.sources import model_folder
+
+        path = model_folder(model_name, PRESETS)
         raw = _check_model_dir(path)
         architectures = raw.get("architectures") or []
-        if task == "rm":
+        if task == "reward":
             if not any(a.endswith("ForSequenceClassification") for a in architectures):
                 log.info("reward model: a new scalar head on %s's decoder (its LM head is not used)", model_name)
             model = AutoModelForSequenceClassification.from_pretrained(
@@ -192,7 +193,7 @@ def load_model_and_tokenizer(model_name: str, task: str, seed: int, tokenizer_na
         tokenizer = AutoTokenizer.from_pretrained(tokenizer_name, local_files_only=True)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    if task == "rm" and model.config.pad_token_id is None:
+    if task == "reward" and model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     return model, tokenizer
 
@@ -429,7 +430,7 @@ class RewardModule(TaskModule):
         return loss, metrics
 
 
-MODULES = {"sft": SFTModule, "dpo": DPOModule, "rm": RewardModule}
+MODULES = {"sft": SFTModule, "dpo": DPOModule, "reward": RewardModule}
 
 
 def frozen_copy(model: nn.Module) -> nn.Module:
