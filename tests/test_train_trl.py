@@ -132,3 +132,109 @@ def test_a_bad_file_is_named(tmp_path):
 def test_jsonl_file_keeps_line_numbers(tmp_path):
     data = write_jsonl(tmp_path / "p.jsonl", pair_rows(2, 1))
     assert len(load_rows(str(data))[0]) == 2
+
+
+# --- 2. SFT as TRL: objective, truncation, defaults ---
+
+GENERATION_TEMPLATE = (  # the test template with TRL's {% generation %} marks around each assistant reply
+    "{% for message in messages %}"
+    "{% if message['role'] == 'user' %}{{ 'Human: ' + message['content'] + '\n\n' }}"
+    "{% elif message['role'] == 'assistant' %}{{ 'Assistant: ' }}{% generation %}"
+    "{{ message['content'] + eos_token }}{% endgeneration %}{{ '\n\n' }}"
+    "{% else %}{{ message['content'] + '\n\n' }}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}"
+)
+TWO_TURNS = {"messages": [
+    {"role": "system", "content": "a b c"},
+    {"role": "user", "content": "hello there"},
+    {"role": "assistant", "content": "hi ."},
+    {"role": "user", "content": "what colour is the sky number 1 ?"},
+    {"role": "assistant", "content": "the sky is blue , i am glad to help ."},
+]}
+
+
+def _generation_tokenizer(tmp_path):
+    tok = transformers.AutoTokenizer.from_pretrained(tokenizer_dir())
+    tok.chat_template = GENERATION_TEMPLATE
+    tok.save_pretrained(tmp_path / "tok")
+    return tok
+
+
+def _fastpref_labels(tmp_path, tok, rows, **options):
+    from fastpref.train.data import collate
+
+    data = write_jsonl(tmp_path / "chat.jsonl", rows)
+    config = make_config("sft", model_name_or_path="x", dataset_name=str(data), eval_fraction=0.0, **options)
+    out = build_splits(config, tok, "sft")
+    batch = collate(out.train[:1], tok.pad_token_id)
+    length = int(batch["attention_mask"][0].sum())
+    return batch["input_ids"][0, :length], batch["labels"][0, :length]
+
+
+def _trl_labels(tok, row, **options):
+    trl = pytest.importorskip("trl")
+    model = transformers.AutoModelForCausalLM.from_pretrained(model_dir())
+    args = trl.SFTConfig(output_dir=None, report_to="none", bf16=False, use_cpu=True, **options)
+    trainer = trl.SFTTrainer(model=model, args=args, train_dataset=datasets.Dataset.from_list([row]),
+                             processing_class=tok)
+    batch = trainer.data_collator([trainer.train_dataset[0]])
+    return batch["input_ids"][0], batch["labels"][0]
+
+
+@pytest.mark.parametrize("options", [{}, {"assistant_only_loss": True}, {"max_length": 12},
+                                     {"assistant_only_loss": True, "max_length": 12}], ids=str)
+def test_sft_messages_score_the_tokens_trl_scores(tmp_path, options):
+    """The same two-turn row through fastpref and through TRL 1.16's SFTTrainer tokenisation + collator: the
+    same sequence and the same scored tokens (31 of 32 by default, both assistant turns' 15 with
+    assistant_only_loss; TRL's keep_start truncation). fastpref used to score the last turn only (11 tokens)."""
+    tok = _generation_tokenizer(tmp_path)
+    ours_ids, ours_labels = _fastpref_labels(tmp_path, tok, [TWO_TURNS, TWO_TURNS], **options)
+    trl_ids, trl_labels = _trl_labels(tok, TWO_TURNS, **options)
+    assert ours_ids.tolist() == trl_ids.tolist()
+    # the model shifts the labels: position 0 is never scored
+    assert ours_labels[1:].tolist() == trl_labels[1:].tolist()
+    scored = int((ours_labels[1:] != -100).sum())
+    assert scored == {"{}": 31, "{'assistant_only_loss': True}": 15, "{'max_length': 12}": 11,
+                      "{'assistant_only_loss': True, 'max_length': 12}": 3}[str(options)]
+
+
+def test_sft_prompt_completion_objectives(tmp_path, tok_rows=None):
+    tok = transformers.AutoTokenizer.from_pretrained(tokenizer_dir())
+    row = {"prompt": "what colour is the sky number 1 ?", "completion": "the sky is blue ."}
+    ids, labels = _fastpref_labels(tmp_path, tok, [row, row])
+    assert int((labels != -100).sum()) == 5 + 1  # completion + eos
+    ids_all, labels_all = _fastpref_labels(tmp_path, tok, [row, row], completion_only_loss=False)
+    assert ids_all.tolist() == ids.tolist()
+    assert int((labels_all[1:] != -100).sum()) == len(ids) - 1  # every token but the first (TRL's shift)
+    with pytest.raises(ValueError, match="--assistant_only_loss needs conversational `messages` rows"):
+        _fastpref_labels(tmp_path, tok, [row, row], assistant_only_loss=True)
+
+
+def test_truncation_modes_as_trl():
+    from fastpref.train.data import truncate
+
+    prompt, completions = list(range(10)), [list(range(100, 106)), list(range(200, 203))]
+    p, (c, r), cut = truncate(prompt, completions, 12, None, "keep_start")
+    assert cut and p == prompt and c == [100, 101] and r == [200, 201]
+    p, (c, r), cut = truncate(prompt, completions, 12, None, "keep_end")
+    assert cut and p == list(range(4, 10)) and c == completions[0] and r == completions[1]
+    p, (c,), cut = truncate(prompt, [list(range(100, 120))], 12, None, "keep_end")
+    assert p == [] and c == list(range(108, 120))
+    p, (c,), cut = truncate(prompt, [[1, 2]], 12, None, "keep_start")
+    assert not cut and (p, c) == (prompt, [1, 2])
+    with pytest.raises(ValueError, match="--truncation_mode must be keep_start or keep_end"):
+        make_config("dpo", truncation_mode="middle")
+
+
+def test_trl_defaults_gradient_checkpointing_and_warmup_ratio(tmp_path):
+    assert make_config("sft", model_name_or_path="x").gradient_checkpointing is True
+    assert make_config("dpo", model_name_or_path="x").truncation_mode is None
+    assert make_config("sft", model_name_or_path="x").truncation_mode == "keep_start"
+    assert parse_config("dpo", ["--model", "x", "--warmup_steps", "0.25"]).warmup_steps == 0.25
+    with pytest.raises(ValueError, match="--warmup_steps must be a whole number"):
+        make_config("dpo", model_name_or_path="x", warmup_steps=2.5)
+    data = write_jsonl(tmp_path / "p.jsonl", pair_rows())
+    summary, out = run("sft", tmp_path, data, max_steps=4, warmup_steps=0.5, lr_scheduler_type="linear",
+                       eval_fraction=0.0)
+    rates = [r["learning_rate"] for r in read_jsonl(out / "metrics.jsonl") if "learning_rate" in r]
+    assert rates[0] == pytest.approx(0.5e-3) and rates[1] == pytest.approx(1e-3)  # 2 of 4 steps warm up

@@ -59,8 +59,15 @@ class TrainConfig:
             "sharing a prompt stay on one side). 0 disables evaluation."
         ),
     )
-    max_length: int | None = field(
-        default=1024, metadata=_help("Longest prompt + completion in tokens; the prompt is cut first (from the left).")
+    max_length: int | None = field(default=1024, metadata=_help("Longest prompt + completion in tokens."))
+    truncation_mode: str | None = field(
+        default=None,
+        metadata=_help(
+            "How a sequence longer than max_length is cut: keep_start (TRL's default: its first max_length tokens; a "
+            "row whose prompt fills max_length is skipped) or keep_end (its last max_length tokens); None "
+            "(fastpref's default for preference data): keep the completion, cutting the prompt from the left first.",
+            choices=["keep_start", "keep_end"],
+        ),
     )
     max_prompt_length: int | None = field(
         default=None, metadata=_help("Longest prompt in tokens (its start is cut); None: limited by max_length only.")
@@ -81,7 +88,9 @@ class TrainConfig:
     num_train_epochs: float = field(default=3.0, metadata=_help("Epochs, when max_steps is not set."))
     max_steps: int = field(default=-1, metadata=_help("Optimizer steps; > 0 overrides num_train_epochs."))
     warmup_ratio: float = field(default=0.0, metadata=_help("Fraction of the steps with a linear warm-up."))
-    warmup_steps: int = field(default=0, metadata=_help("Warm-up steps; overrides warmup_ratio when > 0."))
+    warmup_steps: float = field(
+        default=0, metadata=_help("Warm-up steps; below 1, a fraction of the steps (as TRL); overrides warmup_ratio.")
+    )
     lr_scheduler_type: str = field(
         default="linear", metadata=_help("transformers.get_scheduler name: linear, cosine, constant_with_warmup, ...")
     )
@@ -97,7 +106,9 @@ class TrainConfig:
             aliases=["--resume"],
         ),
     )
-    gradient_checkpointing: bool = field(default=False, metadata=_help("Recompute activations in backward."))
+    gradient_checkpointing: bool = field(
+        default=True, metadata=_help("Recompute activations in backward (TRL's default: on).")
+    )
     bf16: bool | None = field(
         default=None, metadata=_help("bf16 autocast; None: on when the GPU supports it (never on CPU by default).")
     )
@@ -120,11 +131,26 @@ class TrainConfig:
 
 @dataclass
 class SFTConfig(TrainConfig):
-    """Supervised fine-tuning on the completions (`prompt`/`completion`, `messages`, `text`, or the `chosen`
-    side of preference data); the prompt is masked."""
+    """Supervised fine-tuning with TRL's objective: `messages` / `text` rows scored whole (or on every assistant
+    turn: assistant_only_loss), `prompt` / `completion` rows (or the `chosen` side of preference data) on the
+    completion."""
 
     learning_rate: float = field(default=2e-5, metadata=_help("AdamW learning rate (TRL's SFT default)."))
-    completion_only_loss: bool = field(default=True, metadata=_help("Loss on completion tokens only (else all)."))
+    truncation_mode: str | None = field(
+        default="keep_start",
+        metadata=_help("keep_start (TRL's default): the first max_length tokens; keep_end: the last.",
+                       choices=["keep_start", "keep_end"]),
+    )
+    completion_only_loss: bool | None = field(
+        default=None,
+        metadata=_help(
+            "As TRL: None scores the completion of prompt + completion rows and every token of `messages` / `text` "
+            "rows; False scores every token; True the completion (prompt + completion rows)."
+        ),
+    )
+    assistant_only_loss: bool = field(
+        default=False, metadata=_help("Score only the assistant turns of `messages` rows (every one of them, as TRL).")
+    )
     task = "sft"
 
 
@@ -222,6 +248,7 @@ PRESET_DEFAULTS: dict[str, dict[str, dict]] = {
             logging_steps=5,
             save_steps=None,
             num_train_epochs=4.0,
+            gradient_checkpointing=False,  # 6.9M parameters: memory is no concern, recomputing only costs time
         ),
         # Measured on the demo: an SFT warm-up on the chosen responses made held-out accuracy worse
         # (0.38-0.47 vs 0.64 without), so it is off; `--sft_warmup_steps N` turns it on.
@@ -348,6 +375,10 @@ def validate(config: TrainConfig) -> None:
         raise ValueError("set --max_steps > 0 or --num_train_epochs > 0")
     if not 0.0 <= config.eval_fraction < 1.0:
         raise ValueError(f"--eval_fraction must lie in [0, 1), got {config.eval_fraction}")
+    if config.truncation_mode not in (None, "keep_start", "keep_end"):
+        raise ValueError(f"--truncation_mode must be keep_start or keep_end, got {config.truncation_mode!r}")
+    if config.warmup_steps < 0 or (config.warmup_steps > 1 and config.warmup_steps != int(config.warmup_steps)):
+        raise ValueError(f"--warmup_steps must be a whole number of steps, or a ratio in [0, 1), got {config.warmup_steps}")
     if not 0.0 <= config.warmup_ratio <= 1.0:
         raise ValueError(f"--warmup_ratio must lie in [0, 1], got {config.warmup_ratio}")
     if config.max_prompt_length and config.max_length and config.max_prompt_length >= config.max_length:

@@ -177,7 +177,8 @@ class Trainer:
                                    c.gradient_accumulation_steps, c.seed)
         spe = self.sampler.steps_per_epoch
         self.total_steps = c.max_steps if c.max_steps > 0 else max(1, math.ceil(c.num_train_epochs * spe))
-        warmup = c.warmup_steps or math.ceil(c.warmup_ratio * self.total_steps)
+        ratio = c.warmup_steps if 0 < c.warmup_steps < 1 else c.warmup_ratio  # warmup_steps < 1: a ratio (TRL)
+        warmup = int(c.warmup_steps) if c.warmup_steps >= 1 else math.ceil(ratio * self.total_steps)
         self.scheduler = get_scheduler(c.lr_scheduler_type, self.optimizer, num_warmup_steps=warmup,
                                        num_training_steps=self.total_steps)
         self.metrics_log = metrics.JsonLog(self.run_dir / "metrics.jsonl", dist.main)
@@ -206,8 +207,7 @@ class Trainer:
         return batch
 
     def _batch(self, examples, indices, split):
-        batch = collate([examples[i] for i in indices], self.tokenizer.pad_token_id,
-                        completion_only=getattr(self.config, "completion_only_loss", True), listwise=self.listwise)
+        batch = collate([examples[i] for i in indices], self.tokenizer.pad_token_id, listwise=self.listwise)
         batch = {k: v.to(self.device) for k, v in batch.items()}
         return self._with_reference(batch, split)
 
