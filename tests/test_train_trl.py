@@ -238,3 +238,44 @@ def test_trl_defaults_gradient_checkpointing_and_warmup_ratio(tmp_path):
                        eval_fraction=0.0)
     rates = [r["learning_rate"] for r in read_jsonl(out / "metrics.jsonl") if "learning_rate" in r]
     assert rates[0] == pytest.approx(0.5e-3) and rates[1] == pytest.approx(1e-3)  # 2 of 4 steps warm up
+
+
+# --- 3. LoRA ---
+
+
+def test_lora_dpo_trains_adapters_and_its_reference_is_the_base_model(tmp_path):
+    pytest.importorskip("peft")
+    from fastpref.train import loop
+
+    data = write_jsonl(tmp_path / "p.jsonl", pair_rows())
+    config = make_config(
+        "dpo", model_name_or_path=model_dir(), dataset_name=str(data), output_dir=str(tmp_path / "out"),
+        per_device_train_batch_size=4, max_steps=3, logging_steps=1, learning_rate=1e-2, disable_tqdm=True,
+        plot=False, max_length=64, torch_threads=1, use_peft=True, lora_r=4, lora_alpha=8, lora_dropout=0.0,
+        lora_target_modules=["q_proj", "v_proj"],
+    )
+    threads = torch.get_num_threads()
+    try:
+        trainer = loop.Trainer(config)
+        assert trainer.ref_model is None and trainer.reference["kind"] == "adapters disabled"
+        trainable = {n for n, p in trainer.module.named_parameters() if p.requires_grad}
+        assert trainable and all("lora_" in n for n in trainable)
+        trainer.fit()
+    finally:
+        torch.set_num_threads(threads)
+    rows = [r for r in read_jsonl(tmp_path / "out" / "metrics.jsonl") if "loss" in r]
+    assert rows[0]["rewards/margins"] == pytest.approx(0.0, abs=1e-6)  # B = 0 at the start: policy == reference
+    assert rows[-1]["rewards/margins"] != pytest.approx(0.0, abs=1e-4)  # the adapters trained
+    base = transformers.AutoModelForCausalLM.from_pretrained(model_dir())
+    batch = trainer._batch(trainer.splits.train, list(range(4)), "train")
+    with torch.no_grad():
+        base_logps = modeling.sequence_logps(base, batch)
+        policy_logps = modeling.sequence_logps(trainer.module.model, batch)
+    torch.testing.assert_close(torch.cat([batch["ref_chosen"], batch["ref_rejected"]]), base_logps, rtol=1e-6, atol=1e-5)
+    assert not torch.allclose(policy_logps, base_logps, atol=1e-3)
+    assert (tmp_path / "out" / "adapter_config.json").exists()  # the adapter is saved, as TRL does
+
+
+def test_lora_on_the_lm_head_is_refused():
+    with pytest.raises(ValueError, match="--lora_target_modules names the LM head"):
+        parse_config("dpo", ["--model", "x", "--use_peft", "true", "--lora_target_modules", "q_proj", "lm_head"])

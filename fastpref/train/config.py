@@ -122,6 +122,20 @@ class TrainConfig:
     disable_tqdm: bool = field(default=False, metadata=_help("No progress bar."))
     plot: bool = field(default=True, metadata=_help("Write PNG plots of the curves at the end (matplotlib)."))
     torch_threads: int | None = field(default=None, metadata=_help("torch.set_num_threads; None: torch's choice."))
+    # --- LoRA (TRL's ModelConfig names; peft) ---
+    use_peft: bool = field(
+        default=False,
+        metadata=_help("Train LoRA adapters (peft) instead of the weights; the reference is the model without them."),
+    )
+    lora_r: int = field(default=16, metadata=_help("LoRA rank."))
+    lora_alpha: int = field(default=32, metadata=_help("LoRA alpha (scale alpha / r)."))
+    lora_dropout: float = field(default=0.05, metadata=_help("Dropout on the LoRA path."))
+    lora_target_modules: list[str] | None = field(
+        default=None,
+        metadata=_help("Modules that get adapters (names, or 'all-linear'); None: peft's default for the model. "
+                       "Never the LM head."),
+    )
+    use_rslora: bool = field(default=False, metadata=_help("Rank-stabilised LoRA (scale alpha / sqrt(r))."))
 
     task = "train"  # class attribute, set by each subclass
 
@@ -375,6 +389,17 @@ def validate(config: TrainConfig) -> None:
         raise ValueError("set --max_steps > 0 or --num_train_epochs > 0")
     if not 0.0 <= config.eval_fraction < 1.0:
         raise ValueError(f"--eval_fraction must lie in [0, 1), got {config.eval_fraction}")
+    if config.use_peft:
+        from fastpref.train.lora import check_targets
+
+        check_targets(config.lora_target_modules)
+        positive("lora_r")
+        if config.fsdp:
+            raise ValueError("--use_peft with --fsdp is not supported by fastpref train (use DDP)")
+        if not 0.0 <= config.lora_dropout < 1.0:
+            raise ValueError(f"--lora_dropout must lie in [0, 1), got {config.lora_dropout}")
+        if isinstance(config, DPOConfig) and config.sft_warmup_steps:
+            raise ValueError("--sft_warmup_steps with --use_peft is not supported by fastpref train")
     if config.truncation_mode not in (None, "keep_start", "keep_end"):
         raise ValueError(f"--truncation_mode must be keep_start or keep_end, got {config.truncation_mode!r}")
     if config.warmup_steps < 0 or (config.warmup_steps > 1 and config.warmup_steps != int(config.warmup_steps)):

@@ -153,9 +153,15 @@ class Trainer:
                 self.ref_logps, hit, path = self._precompute(model)
                 log.info("reference log-probs: %s %s", "cache hit" if hit else "computed and cached in", path)
                 self.reference = {"kind": "precomputed", "cache": "hit" if hit else "miss", "path": str(path)}
+            elif c.use_peft:
+                self.reference = {"kind": "adapters disabled"}  # the base model, as TRL: no second copy
             else:
                 self.ref_model = modeling.frozen_copy(model)
                 self.reference = {"kind": "live"}
+        if c.use_peft:
+            from fastpref.train import lora
+
+            model = lora.apply(model, c, self.task)
         if c.gradient_checkpointing:
             if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x
                 model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
@@ -163,7 +169,7 @@ class Trainer:
                 model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             model.config.use_cache = False
         self.model = model
-        self.module = modeling.MODULES[self.task](model, c)
+        self.module = modeling.MODULES[self.task](model.get_base_model() if c.use_peft else model, c)
         self.module.train()
         self.wrapped = distributed.wrap(self.module, dist, c.fsdp)
 
@@ -200,9 +206,11 @@ class Trainer:
         if self.ref_logps is not None:
             ref = self.ref_logps[split][batch["index"].cpu()]
             batch["ref_chosen"], batch["ref_rejected"] = ref[:, 0].to(self.device), ref[:, 1].to(self.device)
-        elif self.ref_model is not None:
-            with torch.no_grad(), self.autocast():
-                ref = modeling.sequence_logps(self.ref_model, batch, ld_alpha=self.config.ld_alpha).float()
+        elif self.ref_model is not None or self.reference["kind"] == "adapters disabled":
+            adapters_off = self.model.disable_adapter() if self.ref_model is None else contextlib.nullcontext()
+            with torch.no_grad(), self.autocast(), adapters_off:
+                ref_model = self.ref_model if self.ref_model is not None else self.module.model
+                ref = modeling.sequence_logps(ref_model, batch, ld_alpha=self.config.ld_alpha).float()
             batch["ref_chosen"], batch["ref_rejected"] = ref.chunk(2)
         return batch
 
