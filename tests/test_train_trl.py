@@ -279,3 +279,111 @@ def test_lora_dpo_trains_adapters_and_its_reference_is_the_base_model(tmp_path):
 def test_lora_on_the_lm_head_is_refused():
     with pytest.raises(ValueError, match="--lora_target_modules names the LM head"):
         parse_config("dpo", ["--model", "x", "--use_peft", "true", "--lora_target_modules", "q_proj", "lm_head"])
+
+
+# --- 4. TRL option names ---
+
+TRL_DPO_RECIPE = """\
+# a TRL-style recipe (trl dpo --config ...), as the TRL docs' examples write them
+model_name_or_path: {model}
+dataset_name: {data}
+dataset_train_split: train
+dataset_test_split: test
+learning_rate: 5.0e-4
+num_train_epochs: 1
+max_steps: 2
+per_device_train_batch_size: 4
+per_device_eval_batch_size: 4
+gradient_accumulation_steps: 1
+gradient_checkpointing: true
+gradient_checkpointing_kwargs:
+  use_reentrant: false
+lr_scheduler_type: cosine
+warmup_steps: 0.1
+beta: 0.1
+loss_type: [sigmoid]  # a plain string is issue 11's YAML coercion
+max_length: 64
+truncation_mode: keep_start
+bf16: false
+dtype: float32
+attn_implementation: sdpa
+eval_strategy: no
+save_strategy: "no"
+logging_steps: 1
+logging_strategy: steps
+optim: adamw_torch
+report_to: none
+push_to_hub: false
+dataset_num_proc: 2
+use_peft: true
+lora_r: 4
+lora_alpha: 8
+lora_dropout: 0.0
+lora_target_modules: all-linear
+lora_task_type: CAUSAL_LM
+seed: 42
+output_dir: {out}
+"""
+
+
+def test_a_trl_style_yaml_recipe_runs(tmp_path):
+    pytest.importorskip("peft")
+    from fastpref.train import train
+
+    data = write_jsonl(tmp_path / "p.jsonl", pair_rows())
+    recipe = tmp_path / "dpo.yaml"
+    recipe.write_text(TRL_DPO_RECIPE.format(model=model_dir(), data=data, out=tmp_path / "out"))
+    config = parse_config("dpo", ["--config", str(recipe), "--torch_threads", "1", "--disable_tqdm", "true"])
+    assert (config.save_steps, config.eval_steps, config.warmup_steps, config.loss_type) == (None, None, 0.1, ["sigmoid"])
+    threads = torch.get_num_threads()
+    try:
+        summary = train(config)
+    finally:
+        torch.set_num_threads(threads)
+    assert summary["steps"] == 2 and summary["reference"]["kind"] == "adapters disabled"
+
+
+@pytest.mark.parametrize("option,value,message", [
+    ("packing", "true", "--packing True is not supported by fastpref train"),
+    ("optim", "sgd", "--optim 'sgd' is not supported by fastpref train; it accepts"),
+    ("dtype", "bfloat16", "not supported by fastpref train.*--bf16 true"),
+    ("push_to_hub", "true", "--push_to_hub True is not supported by fastpref train"),
+    ("max_seq_length", "512", "not supported by fastpref train; use --max_length"),
+    ("torch_compile", None, "--torch_compile True is not supported by fastpref train"),
+])
+def test_unsupported_trl_options_are_refused_by_name_before_loading(tmp_path, option, value, message):
+    """On the command line and in YAML, before any model or data is touched (the model does not exist)."""
+    argv = ["--model", str(tmp_path / "absent"), f"--{option}", *([value] if value else [])]
+    with pytest.raises(ValueError, match=message):
+        parse_config("dpo", argv)
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"{option}: {value or 'true'}\n")
+    with pytest.raises(ValueError, match=message):
+        parse_config("dpo", ["--config", str(recipe)])
+
+
+def test_trl_options_at_their_default_or_without_effect_are_accepted():
+    config = parse_config("sft", ["--model", "x", "--packing", "false", "--loss_type", "nll", "--dataset_num_proc", "8",
+                                  "--eval_strategy", "steps", "--eval_steps", "5", "--run_name", "r1"])
+    assert config.eval_steps == 5
+    with pytest.raises(ValueError, match=r"unknown option\(s\) \['betaa'\].*neither fastpref's nor TRL's"):
+        parse_config("dpo", ["--betaa", "0.1"])
+
+
+def test_trl_defaults_table_matches_installed_trl():
+    """fastpref.train.trl_names.TRL_DEFAULTS was read from TRL 1.16: it still says what TRL says."""
+    import dataclasses
+
+    trl = pytest.importorskip("trl")
+    from fastpref.train.trl_names import TRL_DEFAULTS
+
+    classes = (transformers.TrainingArguments, trl.SFTConfig, trl.DPOConfig, trl.RewardConfig, trl.ModelConfig,
+               trl.ScriptArguments)
+    seen = {}
+    for cls in classes:
+        for f in dataclasses.fields(cls):
+            if f.name in TRL_DEFAULTS and f.init:
+                default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+                seen[f.name] = default if isinstance(default, (str, int, float, bool, list, type(None))) else repr(default)
+    assert seen == {name: TRL_DEFAULTS[name] for name in seen}
+    assert set(seen) == set(TRL_DEFAULTS)

@@ -338,21 +338,62 @@ def parse_config(task: str, argv: list[str], prog: str | None = None) -> TrainCo
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--config", default=None)
     pre_args, _ = pre.parse_known_args(argv)
-    from_yaml = {}
+    from_yaml, translated = {}, {}
     if pre_args.config:
         from_yaml = load_yaml(pre_args.config)
-        unknown = sorted(set(from_yaml) - known)
-        if unknown:
-            raise ValueError(f"--config {pre_args.config}: unknown option(s) {unknown} for `fastpref train {task}`")
+        trl_options = {k: from_yaml.pop(k) for k in set(from_yaml) - known}
+        translated = _translate_trl(task, trl_options, f"--config {pre_args.config}: ")
         parser.set_defaults(**from_yaml)
     outputs = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
     config, rest = outputs[0], outputs[-1]  # (config, [namespace holding --config,] remaining strings)
     if rest:
-        parser.error(f"unrecognised arguments: {' '.join(rest)}")
+        translated.update(_translate_trl(task, _options_of(rest, parser), ""))
     explicit = _explicit_names(config_cls, argv) | set(from_yaml)
+    for name, value in translated.items():
+        if name not in explicit:  # an explicit fastpref option wins over a TRL name's translation
+            setattr(config, name, value)
+            explicit.add(name)
     apply_preset(config, explicit)
     validate(config)
     return config
+
+
+def _options_of(rest: list[str], parser) -> dict:
+    """{name: value} of the `--name value` / `--name=value` / bare `--flag` strings argparse left over."""
+    import yaml
+
+    options, i = {}, 0
+    while i < len(rest):
+        arg = rest[i]
+        if not arg.startswith("--"):
+            parser.error(f"unrecognised arguments: {' '.join(rest)}")
+        name, _, value = arg[2:].partition("=")
+        if not value:
+            values = []
+            while i + 1 < len(rest) and not rest[i + 1].startswith("--"):
+                values.append(rest[i + 1])
+                i += 1
+            value = " ".join(values) if values else "true"
+        options[name] = yaml.safe_load(value) if value else value
+        i += 1
+    return options
+
+
+def _translate_trl(task: str, options: dict, where: str) -> dict:
+    """Field updates for TRL option names fastpref has no field for (fastpref.train.trl_names)."""
+    from fastpref.train.trl_names import translate
+
+    updates, unknown = {}, []
+    for name, value in sorted(options.items()):
+        try:
+            updates.update(translate(task, name, value))
+        except KeyError:
+            unknown.append(name)
+        except ValueError as e:
+            raise ValueError(f"{where}{e}") from None
+    if unknown:
+        raise ValueError(f"{where}unknown option(s) {unknown} for `fastpref train {task}` (neither fastpref's nor TRL's)")
+    return updates
 
 
 def apply_preset(config: TrainConfig, explicit: set[str]) -> None:

@@ -10,13 +10,18 @@ from torch import nn
 
 def check_targets(target_modules: list[str] | None, head_name: str = "lm_head") -> None:
     """Refuse an adapter on the LM head: the fused head would compute log-probs without it."""
-    for target in target_modules or ():
+    for target in [target_modules] if isinstance(target_modules, str) else target_modules or ():
         if target == head_name or target.endswith("." + head_name) or head_name.endswith("." + target):
             raise ValueError(
                 f"--lora_target_modules names the LM head ({target!r}): fastpref's fused head reads the head's weight "
                 "directly and would ignore an adapter on it; target the decoder's layers (or 'all-linear', which "
                 "leaves the head out)"
             )
+
+
+def _targets(names):
+    """peft takes 'all-linear' as a string, module names as a list."""
+    return names[0] if isinstance(names, list) and names == ["all-linear"] else names
 
 
 def _head_name(model: nn.Module) -> str:
@@ -37,7 +42,7 @@ def apply(model: nn.Module, config, task: str) -> nn.Module:
         r=config.lora_r,
         lora_alpha=config.lora_alpha,
         lora_dropout=config.lora_dropout,
-        target_modules=config.lora_target_modules,
+        target_modules=_targets(config.lora_target_modules),
         use_rslora=config.use_rslora,
         task_type="SEQ_CLS" if task == "reward" else "CAUSAL_LM",
     )
