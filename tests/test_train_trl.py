@@ -387,3 +387,57 @@ def test_trl_defaults_table_matches_installed_trl():
                 seen[f.name] = default if isinstance(default, (str, int, float, bool, list, type(None))) else repr(default)
     assert seen == {name: TRL_DEFAULTS[name] for name in seen}
     assert set(seen) == set(TRL_DEFAULTS)
+
+
+# --- 5. TRL's metric names ---
+
+TRL_NAMES = {  # what TRL 1.16's trainers log, per task (fastpref adds its own columns beside them)
+    "dpo": {"loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
+            "logps/rejected", "logits/chosen", "logits/rejected", "entropy", "mean_token_accuracy", "num_tokens",
+            "grad_norm", "learning_rate"},
+    "reward": {"loss", "accuracy", "margin", "min_reward", "mean_reward", "max_reward", "num_tokens", "grad_norm",
+               "learning_rate"},
+    "sft": {"loss", "entropy", "mean_token_accuracy", "num_tokens", "grad_norm", "learning_rate"},
+}
+
+
+@pytest.mark.parametrize("task", sorted(TRL_NAMES))
+def test_metric_names_are_trls(tmp_path, task):
+    data = write_jsonl(tmp_path / "p.jsonl", pair_rows())
+    summary, out = run(task, tmp_path, data, max_steps=2, eval_fraction=0.0)
+    rows = [r for r in read_jsonl(out / "metrics.jsonl") if "loss" in r]
+    assert TRL_NAMES[task] <= set(rows[0]), TRL_NAMES[task] - set(rows[0])
+    assert 0 < rows[0]["num_tokens"] < rows[1]["num_tokens"]  # cumulative, as TRL's
+    if task == "reward":
+        assert rows[0]["min_reward"] <= rows[0]["mean_reward"] <= rows[0]["max_reward"]
+
+
+def test_dpo_token_metrics_equal_the_textbook_values():
+    """entropy, logits/*, mean_token_accuracy from the fused pass's statistics vs the model's own logits."""
+    model = transformers.AutoModelForCausalLM.from_pretrained(model_dir()).eval()
+    config = make_config("dpo", model_name_or_path="x", reference_free=True)
+    torch.manual_seed(0)
+    input_ids = torch.randint(3, model.config.vocab_size, (4, 10))
+    attention_mask = torch.ones_like(input_ids)
+    attention_mask[1, 7:] = 0
+    labels = torch.where(attention_mask.bool(), input_ids, -100)
+    labels[:, :3] = -100
+    batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+    with torch.no_grad():
+        _, metrics = modeling.DPOModule(model, config)(batch)
+        logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1].double()
+    target = labels[:, 1:]
+    mask = target != -100
+    logp = torch.log_softmax(logits, -1)
+    entropy = -(logp.exp() * logp).sum(-1)
+    chosen, rejected = mask.chunk(2)
+
+    def value(name):
+        total, units = metrics[name]
+        return float(total / units)
+
+    assert value("entropy") == pytest.approx(float(entropy[mask].mean()), rel=1e-5)
+    assert value("logits/chosen") == pytest.approx(float(logits.mean(-1)[:2][chosen].mean()), rel=1e-5, abs=1e-6)
+    assert value("logits/rejected") == pytest.approx(float(logits.mean(-1)[2:][rejected].mean()), rel=1e-5, abs=1e-6)
+    top1 = logits.argmax(-1) == target
+    assert value("mean_token_accuracy") == pytest.approx(float(top1[:2][chosen].double().mean()))

@@ -189,6 +189,7 @@ class Trainer:
                                        num_training_steps=self.total_steps)
         self.metrics_log = metrics.JsonLog(self.run_dir / "metrics.jsonl", dist.main)
         self.global_step = 0
+        self.num_tokens = 0  # every process's attention-mask tokens trained on so far (TRL's num_tokens)
 
     # --- reference ---
 
@@ -300,6 +301,7 @@ class Trainer:
             log.warning("resuming a %s-process checkpoint on %d processes: the data order differs",
                         state.get("world_size"), self.dist.world)
         self.global_step = state["global_step"]
+        self.num_tokens = state.get("num_tokens", 0)
         self.metrics_log.truncate(self.global_step)
         log.info("resumed from %s at step %d (epoch %.2f)", path, self.global_step, state.get("epoch", 0))
 
@@ -308,7 +310,8 @@ class Trainer:
         return {"global_step": self.global_step, "epoch": self.global_step / spe,
                 "data_position": {"epoch": self.global_step // spe, "batch": self.global_step % spe,
                                   "global_batch": self.sampler.global_batch, "seed": self.config.seed},
-                "total_steps": self.total_steps, "task": self.task, "model": self.start_model}
+                "total_steps": self.total_steps, "task": self.task, "model": self.start_model,
+                "num_tokens": self.num_tokens}
 
     def _save(self) -> None:
         checkpoint.save(self.run_dir, self.global_step, self.module, self.optimizer, self.scheduler, self._state(),
@@ -378,6 +381,7 @@ class Trainer:
                    desc=f"{self.task}", dynamic_ncols=True, file=sys.stdout)
         while self.global_step < self.total_steps:
             out, skipped = self._step()
+            self.num_tokens += int(dist.sum(torch.tensor(float(out["tokens"]))).item())
             self.global_step += 1
             bar.update(1)
             if skipped:
@@ -400,6 +404,7 @@ class Trainer:
                 row.update(window.reduce(dist))
                 row["grad_norm"] = sum(window_norms) / len(window_norms) if window_norms else None
                 row["learning_rate"] = self.scheduler.get_last_lr()[0]
+                row["num_tokens"] = self.num_tokens
                 tokens_per_s = dist.sum(torch.tensor(throughput.rate())).item()
                 row["tokens_per_second"] = round(tokens_per_s, 1)
                 row["peak_memory_mb"] = _round(metrics.peak_memory_mb(self.device))

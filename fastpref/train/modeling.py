@@ -302,6 +302,27 @@ def _pair_metrics(loss, chosen_rewards, rejected_rewards, chosen_logps, rejected
     }
 
 
+@torch.no_grad()
+def _token_metrics(hidden, weight, labels, head_kwargs) -> dict:
+    """TRL DPOTrainer's token statistics of a chosen-then-rejected batch: `entropy` over every completion
+    token, `logits/chosen` / `logits/rejected` (mean logit over the vocabulary, averaged over each side's
+    tokens), `mean_token_accuracy` (the target is the argmax) over the chosen tokens. One more forward
+    pass of the head (2 N H V flops, no gradient): the fused loss keeps no per-token statistics."""
+    kwargs = {k: (v.detach() if isinstance(v, torch.Tensor) else v) for k, v in head_kwargs.items()}
+    _, stats = fastpref.linear_token_logps(hidden.detach(), weight.detach(), labels, return_stats=True, **kwargs)
+    mask = labels != -100
+    chosen, rejected = mask.chunk(2)
+    logit_chosen, logit_rejected = stats.mean_logit.chunk(2)
+    top1_chosen = stats.is_top1.chunk(2)[0]
+    n_all, n_chosen, n_rejected = (m.sum().float() for m in (mask, chosen, rejected))
+    return {
+        "entropy": ((stats.entropy * mask).sum().float(), n_all),
+        "logits/chosen": ((logit_chosen * chosen).sum().float(), n_chosen),
+        "logits/rejected": ((logit_rejected * rejected).sum().float(), n_rejected),
+        "mean_token_accuracy": ((top1_chosen & chosen).sum().float(), n_chosen),
+    }
+
+
 class SFTModule(TaskModule):
     """Token-mean NLL of the completion tokens; TRL's SFT metrics `entropy` and `mean_token_accuracy`
     come from the same pass (`return_stats`)."""
@@ -359,7 +380,8 @@ class DPOModule(TaskModule):
                 memory_budget=c.memory_budget,
                 **head_kwargs,
             )
-            return out.loss, _pair_metrics(out.loss, out.chosen_rewards, out.rejected_rewards, out.chosen_logps, out.rejected_logps)
+            metrics = _pair_metrics(out.loss, out.chosen_rewards, out.rejected_rewards, out.chosen_logps, out.rejected_logps)
+            return out.loss, metrics | _token_metrics(hidden, weight, labels, head_kwargs)
         logps = fastpref.linear_sequence_logps(hidden, weight, labels, **head_kwargs)
         lengths = (labels != -100).sum(-1)
         chosen, rejected = logps.chunk(2)
@@ -379,7 +401,8 @@ class DPOModule(TaskModule):
             out = fastpref.orpo_loss(chosen, rejected, chosen_len, rejected_len, beta=c.beta)
         else:
             raise ValueError(f"unknown --loss {c.loss!r}")
-        return out.loss, _pair_metrics(out.loss, out.chosen_rewards, out.rejected_rewards, chosen, rejected)
+        metrics = _pair_metrics(out.loss, out.chosen_rewards, out.rejected_rewards, chosen, rejected)
+        return out.loss, metrics | _token_metrics(hidden, weight, labels, head_kwargs)
 
     def _listwise(self, batch):
         c = self.config
@@ -427,6 +450,9 @@ class RewardModule(TaskModule):
         metrics["accuracy"] = metrics["rewards/accuracies"]  # TRL RewardTrainer's names
         metrics["margin"] = metrics["rewards/margins"]
         metrics["mean_reward"] = (rewards.detach().sum() / 2, n)
+        one = torch.ones((), device=n.device)  # per micro-batch extremes, averaged over the window as TRL's
+        metrics["min_reward"] = (rewards.detach().min(), one)
+        metrics["max_reward"] = (rewards.detach().max(), one)
         return loss, metrics
 
 
