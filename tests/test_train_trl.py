@@ -441,3 +441,27 @@ def test_dpo_token_metrics_equal_the_textbook_values():
     assert value("logits/rejected") == pytest.approx(float(logits.mean(-1)[2:][rejected].mean()), rel=1e-5, abs=1e-6)
     top1 = logits.argmax(-1) == target
     assert value("mean_token_accuracy") == pytest.approx(float(top1[:2][chosen].double().mean()))
+
+
+# --- 6. live reporting ---
+
+
+def test_report_to_tensorboard_writes_the_metrics_rows(tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    data = write_jsonl(tmp_path / "p.jsonl", pair_rows())
+    summary, out = run("dpo", tmp_path, data, max_steps=2, report_to=["tensorboard"])
+    events = list((out / "runs").glob("events.out.tfevents.*"))
+    assert events
+    accumulator = EventAccumulator(str(out / "runs")).Reload()
+    rows = [r for r in read_jsonl(out / "metrics.jsonl") if "loss" in r]
+    logged = [(e.step, e.value) for e in accumulator.Scalars("loss")]
+    assert logged == [(r["step"], pytest.approx(r["loss"], rel=1e-6)) for r in rows]
+    assert "eval_loss" in accumulator.Tags()["scalars"] and "rewards/margins" in accumulator.Tags()["scalars"]
+
+
+def test_report_to_refuses_unknown_backends_and_none_imports_nothing():
+    with pytest.raises(ValueError, match=r"--report_to \['mlflow'\] is not supported by fastpref train"):
+        parse_config("dpo", ["--model", "x", "--report_to", "mlflow"])
+    assert parse_config("dpo", ["--model", "x", "--report_to", "none"]).report_to == ["none"]

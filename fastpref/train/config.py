@@ -121,6 +121,11 @@ class TrainConfig:
     )
     disable_tqdm: bool = field(default=False, metadata=_help("No progress bar."))
     plot: bool = field(default=True, metadata=_help("Write PNG plots of the curves at the end (matplotlib)."))
+    report_to: list[str] = field(
+        default_factory=lambda: ["none"],
+        metadata=_help("Also send the metrics rows live to: none, tensorboard (output_dir/runs), trackio, wandb."),
+    )
+    run_name: str | None = field(default=None, metadata=_help("The run's name for trackio / wandb; default output_dir."))
     torch_threads: int | None = field(default=None, metadata=_help("torch.set_num_threads; None: torch's choice."))
     # --- LoRA (TRL's ModelConfig names; peft) ---
     use_peft: bool = field(
@@ -430,6 +435,11 @@ def validate(config: TrainConfig) -> None:
         raise ValueError("set --max_steps > 0 or --num_train_epochs > 0")
     if not 0.0 <= config.eval_fraction < 1.0:
         raise ValueError(f"--eval_fraction must lie in [0, 1), got {config.eval_fraction}")
+    from fastpref.train.report import check
+
+    if isinstance(config.report_to, str):
+        config.report_to = [config.report_to]
+    check(config.report_to)
     if config.use_peft:
         from fastpref.train.lora import check_targets
 

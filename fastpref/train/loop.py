@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from fastpref.train import checkpoint, distributed, metrics, modeling
+from fastpref.train import checkpoint, distributed, metrics, modeling, report
 from fastpref.train.config import LISTWISE_LOSSES, DPOConfig, SFTConfig, TrainConfig
 from fastpref.train.data import Splits, StepSampler, build_splits, collate, eval_batches
 
@@ -188,6 +188,9 @@ class Trainer:
         self.scheduler = get_scheduler(c.lr_scheduler_type, self.optimizer, num_warmup_steps=warmup,
                                        num_training_steps=self.total_steps)
         self.metrics_log = metrics.JsonLog(self.run_dir / "metrics.jsonl", dist.main)
+        if dist.main and report.check(c.report_to):
+            reporter = report.Reporter(c.report_to, self.run_dir, c.run_name or str(self.run_dir), dataclasses.asdict(c))
+            self.metrics_log.listeners.append(reporter)
         self.global_step = 0
         self.num_tokens = 0  # every process's attention-mask tokens trained on so far (TRL's num_tokens)
 
@@ -431,6 +434,7 @@ class Trainer:
         summary.update(train_eval)
         summary["train_seconds"] = round(train_seconds, 1)
         summary["steps"] = self.global_step
+        self.metrics_log.close()
         if dist.main:
             (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
             if c.plot:

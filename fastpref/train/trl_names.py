@@ -14,7 +14,7 @@ from __future__ import annotations
 NO_EFFECT = {
     "dataset_num_proc", "dataloader_num_workers", "dataloader_pin_memory", "dataloader_persistent_workers",
     "dataloader_prefetch_factor", "dataloader_multiprocessing_context", "log_level", "log_level_replica",
-    "log_on_each_node", "logging_first_step", "run_name", "project", "remove_unused_columns", "skip_memory_metrics",
+    "log_on_each_node", "logging_first_step", "project", "remove_unused_columns", "skip_memory_metrics",
     "include_num_input_tokens_seen", "ddp_timeout", "ddp_find_unused_parameters", "ddp_bucket_cap_mb",
     "ddp_broadcast_buffers", "do_train", "do_eval", "do_predict", "hub_model_id", "hub_strategy", "hub_private_repo",
     "hub_revision", "hub_always_push", "trackio_space_id", "trackio_bucket_id", "trackio_static_space_id",
