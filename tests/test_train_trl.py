@@ -271,7 +271,8 @@ def test_lora_dpo_trains_adapters_and_its_reference_is_the_base_model(tmp_path):
     with torch.no_grad():
         base_logps = modeling.sequence_logps(base, batch)
         policy_logps = modeling.sequence_logps(trainer.module.model, batch)
-    torch.testing.assert_close(torch.cat([batch["ref_chosen"], batch["ref_rejected"]]), base_logps, rtol=1e-6, atol=1e-5)
+    reference = torch.cat([batch["ref_chosen"], batch["ref_rejected"]])
+    torch.testing.assert_close(reference, base_logps, rtol=1e-6, atol=1e-5)
     assert not torch.allclose(policy_logps, base_logps, atol=1e-3)
     assert (tmp_path / "out" / "adapter_config.json").exists()  # the adapter is saved, as TRL does
 
@@ -334,7 +335,8 @@ def test_a_trl_style_yaml_recipe_runs(tmp_path):
     recipe = tmp_path / "dpo.yaml"
     recipe.write_text(TRL_DPO_RECIPE.format(model=model_dir(), data=data, out=tmp_path / "out"))
     config = parse_config("dpo", ["--config", str(recipe), "--torch_threads", "1", "--disable_tqdm", "true"])
-    assert (config.save_steps, config.eval_steps, config.warmup_steps, config.loss_type) == (None, None, 0.1, ["sigmoid"])
+    translated = (config.save_steps, config.eval_steps, config.warmup_steps, config.loss_type)
+    assert translated == (None, None, 0.1, ["sigmoid"])
     threads = torch.get_num_threads()
     try:
         summary = train(config)
@@ -384,7 +386,8 @@ def test_trl_defaults_table_matches_installed_trl():
         for f in dataclasses.fields(cls):
             if f.name in TRL_DEFAULTS and f.init:
                 default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-                seen[f.name] = default if isinstance(default, (str, int, float, bool, list, type(None))) else repr(default)
+                plain = isinstance(default, (str, int, float, bool, list, type(None)))
+                seen[f.name] = default if plain else repr(default)
     assert seen == {name: TRL_DEFAULTS[name] for name in seen}
     assert set(seen) == set(TRL_DEFAULTS)
 

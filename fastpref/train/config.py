@@ -49,7 +49,9 @@ class TrainConfig:
             aliases=["--dataset"],
         ),
     )
-    dataset_config: str | None = field(default=None, metadata=_help("The dataset's configuration name (load_dataset's name)."))
+    dataset_config: str | None = field(
+        default=None, metadata=_help("The dataset's configuration name (load_dataset's name).")
+    )
     dataset_train_split: str = field(default="train", metadata=_help("Split of a DatasetDict to train on."))
     dataset_test_split: str = field(default="test", metadata=_help("Split of a DatasetDict to evaluate on."))
     eval_fraction: float = field(
@@ -125,7 +127,9 @@ class TrainConfig:
         default_factory=lambda: ["none"],
         metadata=_help("Also send the metrics rows live to: none, tensorboard (output_dir/runs), trackio, wandb."),
     )
-    run_name: str | None = field(default=None, metadata=_help("The run's name for trackio / wandb; default output_dir."))
+    run_name: str | None = field(
+        default=None, metadata=_help("The run's name for trackio / wandb; default output_dir.")
+    )
     torch_threads: int | None = field(default=None, metadata=_help("torch.set_num_threads; None: torch's choice."))
     # --- LoRA (TRL's ModelConfig names; peft) ---
     use_peft: bool = field(
@@ -397,7 +401,9 @@ def _translate_trl(task: str, options: dict, where: str) -> dict:
         except ValueError as e:
             raise ValueError(f"{where}{e}") from None
     if unknown:
-        raise ValueError(f"{where}unknown option(s) {unknown} for `fastpref train {task}` (neither fastpref's nor TRL's)")
+        raise ValueError(
+            f"{where}unknown option(s) {unknown} for `fastpref train {task}` (neither fastpref's nor TRL's)"
+        )
     return updates
 
 
@@ -454,7 +460,9 @@ def validate(config: TrainConfig) -> None:
     if config.truncation_mode not in (None, "keep_start", "keep_end"):
         raise ValueError(f"--truncation_mode must be keep_start or keep_end, got {config.truncation_mode!r}")
     if config.warmup_steps < 0 or (config.warmup_steps > 1 and config.warmup_steps != int(config.warmup_steps)):
-        raise ValueError(f"--warmup_steps must be a whole number of steps, or a ratio in [0, 1), got {config.warmup_steps}")
+        raise ValueError(
+            f"--warmup_steps must be a whole number of steps, or a ratio in [0, 1), got {config.warmup_steps}"
+        )
     if not 0.0 <= config.warmup_ratio <= 1.0:
         raise ValueError(f"--warmup_ratio must lie in [0, 1], got {config.warmup_ratio}")
     if config.max_prompt_length and config.max_length and config.max_prompt_length >= config.max_length:

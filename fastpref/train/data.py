@@ -389,7 +389,8 @@ def _tokenize(items, renderer: Renderer, config, split: str, notes: list[str], l
             prompt_ids, completion_ids, config.max_length, config.max_prompt_length, mode
         )
         if masks is not None:  # the completions were cut at their end, or (keep_end) at their start
-            masks = [m[n - len(c) :] if mode == "keep_end" else m[: len(c)] for m, n, c in zip(masks, full, completion_ids)]
+            masks = [m[n - len(c) :] if mode == "keep_end" else m[: len(c)]
+                     for m, n, c in zip(masks, full, completion_ids)]
         cut += was_cut
         if any(len(c) == 0 for c in completion_ids) or (masks is not None and not any(any(m) for m in masks)):
             empty.append(row_id)
@@ -451,7 +452,8 @@ def build_splits(config, tokenizer, task: str, listwise: bool = False) -> Splits
     renderer = Renderer(tokenizer)
     if getattr(config, "assistant_only_loss", False) and layout != "messages":
         raise ValueError(
-            f"--assistant_only_loss needs conversational `messages` rows; dataset {config.dataset_name} has {layout!r} rows"
+            f"--assistant_only_loss needs conversational `messages` rows; dataset {config.dataset_name} has "
+            f"{layout!r} rows"
         )
     train = _tokenize(train_items, renderer, config, "train", notes, layout)
     test = _tokenize(test_items, renderer, config, "eval", notes, layout)

@@ -189,8 +189,8 @@ class Trainer:
                                        num_training_steps=self.total_steps)
         self.metrics_log = metrics.JsonLog(self.run_dir / "metrics.jsonl", dist.main)
         if dist.main and report.check(c.report_to):
-            reporter = report.Reporter(c.report_to, self.run_dir, c.run_name or str(self.run_dir), dataclasses.asdict(c))
-            self.metrics_log.listeners.append(reporter)
+            name = c.run_name or str(self.run_dir)
+            self.metrics_log.listeners.append(report.Reporter(c.report_to, self.run_dir, name, dataclasses.asdict(c)))
         self.global_step = 0
         self.num_tokens = 0  # every process's attention-mask tokens trained on so far (TRL's num_tokens)
 

@@ -380,7 +380,9 @@ class DPOModule(TaskModule):
                 memory_budget=c.memory_budget,
                 **head_kwargs,
             )
-            metrics = _pair_metrics(out.loss, out.chosen_rewards, out.rejected_rewards, out.chosen_logps, out.rejected_logps)
+            metrics = _pair_metrics(
+                out.loss, out.chosen_rewards, out.rejected_rewards, out.chosen_logps, out.rejected_logps
+            )
             return out.loss, metrics | _token_metrics(hidden, weight, labels, head_kwargs)
         logps = fastpref.linear_sequence_logps(hidden, weight, labels, **head_kwargs)
         lengths = (labels != -100).sum(-1)

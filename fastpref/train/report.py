@@ -17,7 +17,9 @@ def check(names: list[str]) -> list[str]:
     names = [n for n in names if n != "none"]
     unknown = [n for n in names if n not in BACKENDS]
     if unknown:
-        raise ValueError(f"--report_to {unknown} is not supported by fastpref train; choose from none, {', '.join(BACKENDS)}")
+        raise ValueError(
+            f"--report_to {unknown} is not supported by fastpref train; choose from none, {', '.join(BACKENDS)}"
+        )
     return names
 
 
@@ -40,7 +42,9 @@ class Reporter:
                 try:
                     from torch.utils.tensorboard import SummaryWriter
                 except ImportError as e:
-                    raise ImportError("--report_to tensorboard needs the `tensorboard` package: pip install tensorboard") from e
+                    raise ImportError(
+                        "--report_to tensorboard needs the `tensorboard` package: pip install tensorboard"
+                    ) from e
                 writer = SummaryWriter(log_dir=str(run_dir / "runs"))
                 self.sinks.append((lambda row, step, w=writer: [w.add_scalar(k, v, step) for k, v in row.items()],
                                    writer.close))

@@ -44,7 +44,8 @@ def model_folder(name: str, presets: tuple[str, ...]) -> Path:
 
 def _looks_like_repo_id(name: str) -> bool:
     """'org/name' or 'name': what the hub accepts, not a path."""
-    return not Path(name).is_absolute() and not name.startswith(".") and name.count("/") <= 1 and not Path(name).exists()
+    path = Path(name)
+    return not path.is_absolute() and not name.startswith(".") and name.count("/") <= 1 and not path.exists()
 
 
 def _saved_to_disk(folder: Path) -> bool:
