@@ -262,3 +262,25 @@ def test_an_empty_batch_is_refused():
     hidden, weight, bias, labels, ref_c, ref_r = make_batch(torch.float32)
     with pytest.raises(ValueError, match="at least one pair"):
         fastpref.linear_dpo_loss(hidden[:0], weight, labels[:0], ref_c[:0], ref_r[:0])
+
+
+def test_single_pass_budget_comes_from_the_backend_that_runs(monkeypatch):
+    """A llama3-8b pair (~1,290 valid rows at V = 128,256, bf16) fits the default 512 MiB on the Triton
+    backend, which holds the GEMM's bf16 output and turns it into dz in place (2 bytes a logit); the
+    chunked torch backend also holds three fp32 temporaries (14 bytes a logit)."""
+    hidden = torch.empty(2, 1, 8, dtype=torch.bfloat16)
+    monkeypatch.setenv("FASTPREF_BACKEND", "triton")
+    assert linear_dpo_module.fused_rows_budget(hidden, 128256, 512 << 20) == (512 << 20) // (128256 * 2) >= 1290
+    monkeypatch.setenv("FASTPREF_BACKEND", "torch")
+    assert linear_dpo_module.fused_rows_budget(hidden, 128256, 512 << 20) == (512 << 20) // (128256 * 14)
+
+
+def test_triton_backward_makes_each_dw_slice_in_one_gemm():
+    """llama3-8b's two-pass backward (5,200 valid rows, bf16, 64 MiB tiles): every row in one block, so
+    each vocab slice of dW is a single GEMM over all rows, never a read-modify-write per row chunk."""
+    from fastpref.backends.triton_backend import backward_tiles
+
+    rows, cols = backward_tiles(5200, 128256, 2, 64 << 20)
+    assert rows == 5200 and cols * rows * 2 <= 64 << 20 and cols >= 4096
+    rows, cols = backward_tiles(40000, 128256, 2, 64 << 20)  # too many rows: the narrowest slice, blocks of rows
+    assert cols == 4096 and rows * cols * 2 <= 64 << 20
