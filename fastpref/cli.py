@@ -117,17 +117,20 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     try:
         config = parse_config(task, options, prog=f"fastpref train {task}")
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, TypeError, FileNotFoundError) as e:
         print(f"fastpref train {task}: error: {e}", file=sys.stderr)
         return 2
     from fastpref.train import distributed
-    from fastpref.train.loop import train
+    from fastpref.train.loop import TrainingStopped, train
 
     dist = distributed.init()
     try:
         summary = train(config)
     except (ValueError, FileNotFoundError, ImportError) as e:
         print(f"fastpref train {task}: error: {e}", file=sys.stderr)
+        return 1
+    except TrainingStopped as e:
+        print(f"fastpref train {task}: stopped: {e}", file=sys.stderr)
         return 1
     finally:
         distributed.shutdown(dist)
