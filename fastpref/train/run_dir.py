@@ -92,7 +92,8 @@ def _claim(config: TrainConfig, path: Path) -> RunDir:
         others = [] if same_run else _their_files(path)
         if others:
             if not config.overwrite_output_dir:
-                shown = ", ".join(sorted(others)[:6]) + (", ..." if len(others) > 6 else "")
+                listed = sorted(others, key=lambda name: (not name.startswith("checkpoint-"), name))
+                shown = ", ".join(listed[:6]) + (", ..." if len(others) > 6 else "")
                 raise ValueError(
                     f"--output_dir {path} holds another run's files ({shown}): add --resume to continue that run, "
                     f"--overwrite_output_dir to start a new one there (its files move to {path / PREVIOUS}/), "
