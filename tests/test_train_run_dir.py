@@ -226,6 +226,12 @@ def test_fsdp_without_torchrun_fails_before_the_model_loads(tmp_path, pairs_file
         run("dpo", tmp_path, pairs_file, fsdp=True)
 
 
+def test_a_missing_dataset_fails_before_the_model_loads(tmp_path, no_model_load):
+    with pytest.raises(FileNotFoundError, match="--dataset .*nope.jsonl' not found"):
+        run("dpo", tmp_path, tmp_path / "nope.jsonl")
+    assert not (tmp_path / "out").exists()
+
+
 def test_resume_without_a_checkpoint_fails_before_the_model_loads(tmp_path, pairs_file, no_model_load):
     with pytest.raises(FileNotFoundError, match="--resume: no checkpoint"):
         run("dpo", tmp_path, pairs_file, resume_from_checkpoint="last")

@@ -119,16 +119,20 @@ def _hhh_rows() -> Rows:
     ], rows.places)
 
 
+def check_dataset_exists(name: str) -> None:
+    if name not in PACKAGED and not Path(name).exists():
+        raise FileNotFoundError(
+            f"--dataset {name!r} not found: give a JSONL file, a local `datasets` directory (save_to_disk) "
+            f"or one of the packaged names {sorted(PACKAGED)}"
+        )
+
+
 def load_rows(name: str, train_split: str = "train", test_split: str = "test") -> tuple[list[dict], list[dict] | None]:
     """(train rows, test rows or None) from a packaged name, a JSONL file or a `datasets` directory."""
     if name in PACKAGED:
         return (_hhh_rows() if name == "hhh" else _read_jsonl(packaged_path(name))), None
+    check_dataset_exists(name)
     path = Path(name)
-    if not path.exists():
-        raise FileNotFoundError(
-            f"dataset {name!r} not found: give a JSONL file, a local `datasets` directory (save_to_disk) "
-            f"or one of the packaged names {sorted(PACKAGED)}"
-        )
     if path.is_file():
         rows = _read_jsonl(path)
         if not rows:

@@ -21,7 +21,7 @@ import torch
 
 from fastpref.train import checkpoint, distributed, metrics, modeling, run_dir
 from fastpref.train.config import LISTWISE_LOSSES, DPOConfig, SFTConfig, TrainConfig
-from fastpref.train.data import Splits, StepSampler, build_splits, collate, eval_batches
+from fastpref.train.data import Splits, StepSampler, build_splits, check_dataset_exists, collate, eval_batches
 
 log = logging.getLogger("fastpref.train")
 
@@ -514,6 +514,7 @@ def start(config: TrainConfig, dist: distributed.Dist) -> run_dir.RunDir:
     if config.fsdp and not dist.enabled:
         raise ValueError("--fsdp shards the model over processes: launch 2 or more with torchrun "
                          "(torchrun --nproc_per_node N -m fastpref.cli train ...)")
+    check_dataset_exists(config.dataset_name)
     return run_dir.claim(config, dist)
 
 
