@@ -389,8 +389,8 @@ def test_every_loss_trains_a_step(tmp_path, pairs_file, options):
 
 def _sft_rows_of_different_lengths() -> list[dict]:
     words = "the sky is blue and the grass is green , i am glad to help you with that today .".split()
-    return [{"id": f"s{i}", "prompt": f"what colour is the sky number {i} ?", "completion": " ".join(words[: 1 + 4 * i])}
-            for i in range(4)]
+    return [{"id": f"s{i}", "prompt": f"what colour is the sky number {i} ?",
+             "completion": " ".join(words[: 1 + 4 * i])} for i in range(4)]
 
 
 def test_sft_accumulation_optimises_the_mean_over_the_steps_tokens(tmp_path):

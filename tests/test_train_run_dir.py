@@ -107,7 +107,8 @@ def test_a_second_run_is_refused_while_another_writes_the_directory(tmp_path, pa
     holder = subprocess.Popen([sys.executable, "-c", holder_code, str(out)], stdout=subprocess.PIPE, text=True, env=env)
     try:
         assert holder.stdout.readline().strip() == "held"
-        with pytest.raises(ValueError, match=rf"--output_dir {out} is in use by another fastpref run \(pid {holder.pid}"):
+        busy = rf"--output_dir {out} is in use by another fastpref run \(pid {holder.pid}"
+        with pytest.raises(ValueError, match=busy):
             run("dpo", tmp_path, pairs_file, max_steps=1)
     finally:
         holder.kill()

@@ -314,7 +314,8 @@ def _yaml_values(parser: argparse.ArgumentParser, config_cls: type[TrainConfig],
         many = action.nargs in ("+", "*")
         if isinstance(value, dict) or (isinstance(value, list) and not many):
             raise ValueError(f"{where}: expected {_describe(hints[name])}, got {type(value).__name__} {value!r}")
-        converted = [_convert(action, item, where, hints[name]) for item in (value if isinstance(value, list) else [value])]
+        items = value if isinstance(value, list) else [value]
+        converted = [_convert(action, item, where, hints[name]) for item in items]
         out[name] = converted if many else converted[0]
     return out
 
@@ -434,10 +435,12 @@ _RANGES = {
     "discopop_tau": (0, False, math.inf, False),
 }
 # transformers.get_scheduler names that need neither an eval metric nor extra keyword arguments
-SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup", "inverse_sqrt")
+SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
+              "inverse_sqrt")
 _POSITIVE_INTS = ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
                   "logging_steps", "eval_steps", "save_steps", "save_total_limit", "max_length", "max_prompt_length",
-                  "max_train_samples", "max_eval_samples", "memory_budget", "torch_threads", "precompute_ref_batch_size")
+                  "max_train_samples", "max_eval_samples", "memory_budget", "torch_threads",
+                  "precompute_ref_batch_size")
 _NON_NEGATIVE_INTS = ("warmup_steps", "sft_warmup_steps")
 
 
@@ -539,7 +542,7 @@ def resume_changes(saved: dict, config: TrainConfig) -> dict[str, tuple]:
     if fixed:
         listed = ", ".join(f"--{name} {old!r} -> {new!r}" for name, (old, new) in fixed.items())
         raise ValueError(
-            f"--resume: these options cannot change within a run (they fix the model, the data or its order): {listed}. "
-            "Resume with the checkpoint's values, or start a new run (another --output_dir)"
+            f"--resume: these options cannot change within a run (they fix the model, the data or its order): "
+            f"{listed}. Resume with the checkpoint's values, or start a new run (another --output_dir)"
         )
     return changed

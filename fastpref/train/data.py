@@ -177,7 +177,9 @@ def _is_conversation(value) -> bool:
 
 def _check_field(label, column, value):
     if value is None:
-        raise ValueError(f"{label}: column {column!r} is null; give a string or a list of {{'role', 'content'}} messages")
+        raise ValueError(
+            f"{label}: column {column!r} is null; give a string or a list of {{'role', 'content'}} messages"
+        )
     if not (isinstance(value, str) or _is_conversation(value)):
         raise ValueError(
             f"{label}: column {column!r} must be a string or a list of {{'role', 'content'}} messages, "
@@ -185,7 +187,9 @@ def _check_field(label, column, value):
         )
     for j, message in enumerate(value if isinstance(value, list) else []):
         if not (isinstance(message["role"], str) and isinstance(message["content"], str)):
-            raise ValueError(f"{label}: column {column!r}, message {j}: role and content must be strings, got {message!r}")
+            raise ValueError(
+                f"{label}: column {column!r}, message {j}: role and content must be strings, got {message!r}"
+            )
 
 
 def _label(rows, i: int) -> str:
