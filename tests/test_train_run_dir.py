@@ -227,6 +227,16 @@ def test_fsdp_without_torchrun_fails_before_the_model_loads(tmp_path, pairs_file
         run("dpo", tmp_path, pairs_file, fsdp=True)
 
 
+@pytest.mark.parametrize("inside", ["model", "dataset"])
+def test_an_output_dir_holding_the_runs_inputs_is_refused(tmp_path, pairs_file, no_model_load, inside):
+    """With --overwrite_output_dir the inputs would be moved aside under the run's feet."""
+    out = Path(model_dir()) if inside == "model" else tmp_path
+    before = _snapshot(out)
+    with pytest.raises(ValueError, match=f"--{inside} .* lies in --output_dir {out}, where this run writes"):
+        run("dpo", tmp_path, pairs_file, output_dir=str(out), overwrite_output_dir=True)
+    assert _snapshot(out) == before
+
+
 def test_a_missing_dataset_fails_before_the_model_loads(tmp_path, no_model_load):
     with pytest.raises(FileNotFoundError, match="--dataset .*nope.jsonl' not found"):
         run("dpo", tmp_path, tmp_path / "nope.jsonl")

@@ -515,6 +515,12 @@ def start(config: TrainConfig, dist: distributed.Dist) -> run_dir.RunDir:
         raise ValueError("--fsdp shards the model over processes: launch 2 or more with torchrun "
                          "(torchrun --nproc_per_node N -m fastpref.cli train ...)")
     check_dataset_exists(config.dataset_name)
+    out = Path(config.run_dir()).resolve()
+    for option, value in (("--model", config.model_name_or_path), ("--tokenizer_name_or_path",
+                          config.tokenizer_name_or_path), ("--dataset", config.dataset_name)):
+        if value and Path(value).exists() and (Path(value).resolve() == out or out in Path(value).resolve().parents):
+            raise ValueError(f"{option} {value} lies in --output_dir {config.run_dir()}, where this run writes: "
+                             "choose another --output_dir")
     return run_dir.claim(config, dist)
 
 
