@@ -122,15 +122,16 @@ def test_a_second_run_is_refused_while_another_writes_the_directory(tmp_path, pa
 
 def test_kill_9_in_the_middle_of_a_save_is_cleaned_up_on_the_next_start(tmp_path, pairs_file):
     out = tmp_path / "out"
+    # SIGKILL once checkpoint-4's files are written, before its directory is renamed into place
     script = (
-        "import os, signal, sys, torch\n"
+        "import os, signal, sys\n"
         "from fastpref.train import make_config, train\n"
-        "real_save = torch.save\n"
-        "def save(obj, f, *args, **kwargs):\n"
-        "    real_save(obj, f, *args, **kwargs)\n"
-        "    if '.checkpoint-4.tmp' in str(f) and str(f).endswith('optimizer.pt'):\n"
+        "real_replace = os.replace\n"
+        "def replace(src, dst, *args, **kwargs):\n"
+        "    if str(src).endswith('.checkpoint-4.tmp'):\n"
         "        os.kill(os.getpid(), signal.SIGKILL)\n"
-        "torch.save = save\n"
+        "    return real_replace(src, dst, *args, **kwargs)\n"
+        "os.replace = replace\n"
         "train(make_config('dpo', model_name_or_path=sys.argv[1], dataset_name=sys.argv[2], output_dir=sys.argv[3],\n"
         "                  max_steps=6, save_steps=2, per_device_train_batch_size=4, logging_steps=1,\n"
         "                  disable_tqdm=True, plot=False, max_length=64, torch_threads=1))\n"
