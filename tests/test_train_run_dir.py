@@ -205,6 +205,14 @@ def test_resume_refuses_the_options_that_may_not_change(tmp_path, pairs_file, re
         run(task, tmp_path, data, max_steps=4, save_steps=2, resume_from_checkpoint="last", **options)
 
 
+def test_a_damaged_trainer_state_is_named_before_the_model_loads(tmp_path, pairs_file, request):
+    _, out = run("dpo", tmp_path, pairs_file, max_steps=2, save_steps=2)
+    (out / "checkpoint-2" / "trainer_state.json").write_text('{"global_step": 2, "run_')  # cut short
+    request.getfixturevalue("no_model_load")
+    with pytest.raises(ValueError, match=r"--resume .*checkpoint-2: its trainer_state.json cannot be read"):
+        run("dpo", tmp_path, pairs_file, max_steps=4, resume_from_checkpoint="last")
+
+
 # --- start-up checks that come before the model loads ---
 
 

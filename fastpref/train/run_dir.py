@@ -84,7 +84,11 @@ def _claim(config: TrainConfig, path: Path) -> RunDir:
         resume_from, saved = None, {}
         if config.resume_from_checkpoint:
             resume_from = checkpoint.resolve(path, config.resume_from_checkpoint)
-            saved = json.loads((resume_from / "trainer_state.json").read_text())
+            try:
+                saved = json.loads((resume_from / "trainer_state.json").read_text())
+            except (OSError, ValueError) as e:
+                raise ValueError(f"--resume {resume_from}: its trainer_state.json cannot be read ({e})") from None
+            _check_resume(saved, config, resume_from)
         # a checkpoint inside the directory continues its run, also one written before runs had an id
         inside = resume_from is not None and resume_from.resolve().parent == path.resolve()
         run_id = saved.get("run_id") or (inside and (owner or {}).get("run_id")) or uuid.uuid4().hex[:12]
@@ -100,8 +104,6 @@ def _claim(config: TrainConfig, path: Path) -> RunDir:
                     "or choose another --output_dir"
                 )
             _move_aside(path, others, owner)
-        if resume_from is not None:
-            _check_resume(saved, config, resume_from)
         _write_run_file(path, config, run_id, resume_from)
     except BaseException:
         lock.release()
