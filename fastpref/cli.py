@@ -25,12 +25,24 @@ TASKS = {
 }
 
 
+def version() -> str:
+    """The installed distribution's version."""
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as installed_version
+
+    try:
+        return installed_version("fastpref")
+    except PackageNotFoundError:
+        return "unknown (not installed)"
+
+
 def _top_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fastpref", description="fastpref: fused log-prob and preference-loss heads.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="Run `fastpref train <task> --help` for a task's options.",
     )
+    parser.add_argument("--version", action="version", version=f"fastpref {version()}")
     commands = parser.add_subparsers(dest="command", metavar="command")
     train = commands.add_parser("train", help="train a model (sft, dpo, reward)", add_help=True)
     train.add_argument("task", choices=sorted(TASKS), help="; ".join(f"{k}: {v}" for k, v in TASKS.items()))
@@ -56,7 +68,8 @@ def _score_parser() -> argparse.ArgumentParser:
     parser.add_argument("--k", type=int, default=2, help="demonstrations in the expert context")
     parser.add_argument("--batch_size", type=int, default=8, help="sequences per forward pass")
     parser.add_argument(
-        "--max_length", type=int, default=None, help="drop demonstrations until context + candidate fit"
+        "--max_length", type=int, default=None,
+        help="drop the least similar demonstrations until context + the longest candidate fit (the output says so)",
     )
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
     return parser
@@ -81,11 +94,17 @@ def _score(argv: list[str]) -> int:
          "amateur_logp": scores.amateur[i].item(), "tokens": int(scores.lengths[i])}
         for i in scores.ranking
     ]
+    used = scores.demonstrations_used
+    kept = demos[len(demos) - used:]  # the least similar ones go first
+    if used < len(demos):
+        print(f"fastpref score: note: {len(demos) - used} of the {len(demos)} demonstrations dropped so that the "
+              f"longest candidate fits --max_length {args.max_length}; k = {used}", file=sys.stderr)
     if args.json:
-        result = {"prompt": args.prompt, "demonstrations": [d.prompt for d in demos], "ranked": ranked}
+        result = {"prompt": args.prompt, "k": used, "demonstrations": [d.prompt for d in kept],
+                  "demonstrations_dropped": len(demos) - used, "ranked": ranked}
         print(json.dumps(result, indent=1))
     else:
-        print(f"{'score':>9} {'expert':>9} {'amateur':>9}  candidate (best first; k = {len(demos)} demonstrations)")
+        print(f"{'score':>9} {'expert':>9} {'amateur':>9}  candidate (best first; k = {used} demonstrations)")
         for row in ranked:
             print(f"{row['score']:9.3f} {row['expert_logp']:9.3f} {row['amateur_logp']:9.3f}  {row['candidate']}")
     return 0
@@ -97,6 +116,8 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         parser.print_help()
         return 0 if argv else 2
+    if argv[0] == "--version":
+        parser.parse_args(argv[:1])  # prints the version and exits 0
     if argv[0] == "bench":
         from fastpref.bench import main as bench_main
 
@@ -119,17 +140,20 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     try:
         config = parse_config(task, options, prog=f"fastpref train {task}")
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, TypeError, FileNotFoundError) as e:
         print(f"fastpref train {task}: error: {e}", file=sys.stderr)
         return 2
     from fastpref.train import distributed
-    from fastpref.train.loop import train
+    from fastpref.train.loop import TrainingStopped, train
 
     dist = distributed.init()
     try:
         summary = train(config)
     except (ValueError, FileNotFoundError, ImportError) as e:
         print(f"fastpref train {task}: error: {e}", file=sys.stderr)
+        return 1
+    except TrainingStopped as e:
+        print(f"fastpref train {task}: stopped: {e}", file=sys.stderr)
         return 1
     finally:
         distributed.shutdown(dist)

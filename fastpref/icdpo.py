@@ -50,13 +50,16 @@ class Query(NamedTuple):
 
 class CandidateScores(NamedTuple):
     """Per candidate (N,): expert and amateur summed log-probs, their difference `score` (ICDPO's s),
-    the candidate's token count; `ranking` lists candidate indices by score, best first."""
+    the candidate's token count; `ranking` lists candidate indices by score, best first;
+    `demonstrations_used`: how many demonstrations the expert context held (fewer than given when
+    `max_length` made room for the longest candidate)."""
 
     expert: torch.Tensor
     amateur: torch.Tensor
     score: torch.Tensor
     lengths: torch.Tensor
     ranking: list[int]
+    demonstrations_used: int
 
     @property
     def best(self) -> int:
@@ -135,17 +138,33 @@ def _conversation(prompt: str, demonstrations: list[Demonstration]) -> list[dict
     return messages + [{"role": "user", "content": prompt}]
 
 
-def build_sequences(renderer: Renderer, query: Query, max_length: int | None = None):
-    """Token ids (expert_context, amateur_context, [candidate ids]) for one query: contexts end with
-    the generation prompt; candidates are rendered after the amateur context and reused verbatim.
-    With `max_length`, the least similar demonstrations are dropped until the longest candidate fits."""
+class Sequences(NamedTuple):
+    """Token ids of one query: the expert and amateur contexts, each candidate's, and the demonstrations the
+    expert context holds."""
+
+    expert: list[int]
+    amateur: list[int]
+    candidates: list[list[int]]
+    demonstrations: list[Demonstration]
+
+
+def build_sequences(renderer: Renderer, query: Query, max_length: int | None = None) -> Sequences:
+    """The contexts end with the generation prompt; candidates are rendered after the amateur context and
+    reused verbatim. With `max_length`, the least similar demonstrations are dropped until the longest
+    candidate fits (every candidate shares one expert context, so that their scores compare); a candidate
+    that does not fit even after the bare prompt is a ValueError."""
     amateur, candidates = renderer.encode(_conversation(query.prompt, []), list(query.candidates))
+    longest = max(range(len(candidates)), key=lambda i: len(candidates[i]))
+    if max_length is not None and len(amateur) + len(candidates[longest]) > max_length:
+        raise ValueError(
+            f"candidate {longest} ({len(candidates[longest])} tokens) does not fit max_length {max_length} even "
+            f"after the bare prompt ({len(amateur)} tokens): raise max_length"
+        )
     demos = list(query.demonstrations)
-    longest = max(len(c) for c in candidates)
     while True:
         expert, _ = renderer.encode(_conversation(query.prompt, demos), [])
-        if not demos or max_length is None or len(expert) + longest <= max_length:
-            return expert, amateur, candidates
+        if not demos or max_length is None or len(expert) + len(candidates[longest]) <= max_length:
+            return Sequences(expert, amateur, candidates, demos)
         demos = demos[1:]
 
 
@@ -193,10 +212,10 @@ def score_queries(model, tokenizer, queries: list[Query], *, batch_size=8, max_l
     sequences, spans = [], []
     for query in queries:
         _check_query(query)
-        expert, amateur, candidates = build_sequences(renderer, query, max_length)
+        expert, amateur, candidates, kept = build_sequences(renderer, query, max_length)
         start = len(sequences)
         sequences += [(expert, c) for c in candidates] + [(amateur, c) for c in candidates]
-        spans.append((start, len(candidates), torch.tensor([len(c) for c in candidates])))
+        spans.append((start, len(candidates), torch.tensor([len(c) for c in candidates]), len(kept)))
     was_training = model.training
     model.eval()
     try:
@@ -204,11 +223,11 @@ def score_queries(model, tokenizer, queries: list[Query], *, batch_size=8, max_l
     finally:
         model.train(was_training)
     results = []
-    for start, n, lengths in spans:
+    for start, n, lengths, used in spans:
         expert, amateur = logps[start : start + n], logps[start + n : start + 2 * n]
         score = expert - amateur
         ranking = sorted(range(n), key=lambda i: -score[i].item())
-        results.append(CandidateScores(expert, amateur, score, lengths, ranking))
+        results.append(CandidateScores(expert, amateur, score, lengths, ranking, used))
     return results
 
 
@@ -216,7 +235,8 @@ def score(model, tokenizer, prompt, candidates, demonstrations, *, batch_size=8,
     """ICDPO scores of N candidate responses to `prompt`: s = log p(y | demos, x) − log p(y | x).
 
     demonstrations: (prompt, response) pairs for the expert context (e.g. `DemonstrationPool.retrieve`),
-    least relevant first. Returns CandidateScores (expert, amateur, score, lengths: (N,); ranking; best).
+    least relevant first. Returns CandidateScores (expert, amateur, score, lengths: (N,); ranking; best;
+    demonstrations_used).
     """
     query = Query(prompt, list(candidates), list(demonstrations))
     return score_queries(model, tokenizer, [query], batch_size=batch_size, max_length=max_length, progress=progress)[0]
@@ -233,6 +253,7 @@ __all__ = [
     "Demonstration",
     "DemonstrationPool",
     "Query",
+    "Sequences",
     "build_sequences",
     "read_pairs",
     "rerank",

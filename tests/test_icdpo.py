@@ -61,15 +61,16 @@ def test_contexts_hold_the_demos_and_the_candidate_alone_is_scored(model_and_tok
     _, tokenizer = model_and_tokenizer
     demos = [icdpo.Demonstration("what colour is the sun number 3 ?", "the sun is green , i am glad to help .")]
     query = icdpo.Query("what colour is the sky number 1 ?", ["the sky is blue .", "go away ."], demos)
-    expert, amateur, candidates = icdpo.build_sequences(Renderer(tokenizer), query)
+    expert, amateur, candidates, kept = icdpo.build_sequences(Renderer(tokenizer), query)
+    assert kept == demos
     decode = tokenizer.decode
     assert "sun number 3" in decode(expert) and "the sun is green" in decode(expert)
     assert "sun" not in decode(amateur)
     assert expert[-len(amateur):] == amateur  # the demos come before the very same query turn
     assert [decode(c) for c in candidates] == ["the sky is blue . <eos>", "go away . <eos>"]
     # max_length drops demonstrations until the candidates fit
-    short, _, _ = icdpo.build_sequences(Renderer(tokenizer), query, max_length=len(amateur) + 6)
-    assert short == amateur
+    short, _, _, kept = icdpo.build_sequences(Renderer(tokenizer), query, max_length=len(amateur) + 6)
+    assert short == amateur and kept == []
 
 
 def _textbook_logps(model, context, candidate):
@@ -87,7 +88,8 @@ def test_scores_are_expert_minus_amateur_and_rank_best_first(model_and_tokenizer
     scores = icdpo.score(model, tokenizer, PAIRS[0]["prompt"], candidates, demos, batch_size=2, progress=False)
     assert scores.expert.shape == scores.amateur.shape == scores.score.shape == scores.lengths.shape == (3,)
     query = icdpo.Query(PAIRS[0]["prompt"], candidates, demos)
-    expert, amateur, ids = icdpo.build_sequences(Renderer(tokenizer), query)
+    expert, amateur, ids, _ = icdpo.build_sequences(Renderer(tokenizer), query)
+    assert scores.demonstrations_used == 2
     for i, candidate_ids in enumerate(ids):
         assert scores.expert[i].item() == pytest.approx(_textbook_logps(model, expert, candidate_ids), abs=1e-4)
         assert scores.amateur[i].item() == pytest.approx(_textbook_logps(model, amateur, candidate_ids), abs=1e-4)
@@ -125,3 +127,41 @@ def test_score_cli_ranks_the_candidates(tmp_path, capsys):
     assert [c["candidate"] for c in out["ranked"]] != [] and len(out["ranked"]) == 2
     assert out["ranked"][0]["score"] >= out["ranked"][1]["score"]
     assert len(out["demonstrations"]) == 2
+
+
+def _long_candidate_case(tokenizer):
+    """Two demonstrations; a candidate so long that only one of them fits beside it in max_length."""
+    demos = icdpo.DemonstrationPool(PAIRS).retrieve(PAIRS[0]["prompt"], 2)
+    candidates = ["go away .", " ".join(["the sky is blue ."] * 6)]
+    renderer = Renderer(tokenizer)
+    full = icdpo.build_sequences(renderer, icdpo.Query(PAIRS[0]["prompt"], candidates, demos))
+    one = icdpo.build_sequences(renderer, icdpo.Query(PAIRS[0]["prompt"], candidates, demos[1:]))
+    return demos, candidates, len(one.expert) + max(len(c) for c in one.candidates), full
+
+
+def test_demonstrations_dropped_for_a_long_candidate_are_reported(model_and_tokenizer):
+    model, tokenizer = model_and_tokenizer
+    demos, candidates, max_length, full = _long_candidate_case(tokenizer)
+    assert len(full.expert) + max(len(c) for c in full.candidates) > max_length
+    scores = icdpo.score(model, tokenizer, PAIRS[0]["prompt"], candidates, demos, max_length=max_length,
+                         progress=False)
+    assert scores.demonstrations_used == 1  # the least similar one went; every candidate shares that context
+    with pytest.raises(ValueError, match=r"candidate 1 \(\d+ tokens\) does not fit max_length 12"):
+        icdpo.score(model, tokenizer, PAIRS[0]["prompt"], candidates, demos, max_length=12, progress=False)
+
+
+def test_score_cli_says_how_many_demonstrations_it_kept(tmp_path, capsys, model_and_tokenizer):
+    from fastpref.cli import main
+
+    _, tokenizer = model_and_tokenizer
+    demos, candidates, max_length, _ = _long_candidate_case(tokenizer)
+    pairs = write_jsonl(tmp_path / "pairs.jsonl", PAIRS)
+    argv = ["score", "--model", model_dir(), "--prompt", PAIRS[0]["prompt"], "--candidates", *candidates,
+            "--demonstrations", str(pairs), "--k", "2", "--max_length", str(max_length)]
+    assert main(argv) == 0
+    captured = capsys.readouterr()
+    assert "k = 1 demonstrations" in captured.out
+    assert "1 of the 2 demonstrations dropped so that the longest candidate fits --max_length" in captured.err
+    assert main([*argv, "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["k"] == 1 and out["demonstrations"] == [demos[1].prompt] and out["demonstrations_dropped"] == 1

@@ -382,3 +382,110 @@ def test_every_loss_trains_a_step(tmp_path, pairs_file, options):
     assert summary["reference"]["kind"] == ("none" if options["loss"] != "dpo" or options.get("reference_free")
                                             or options.get("loss_type") == ["sft"] else
                                             "precomputed" if options.get("precompute_ref_log_probs") else "live")
+
+
+# --- gradient accumulation ---
+
+
+def _sft_rows_of_different_lengths() -> list[dict]:
+    words = "the sky is blue and the grass is green , i am glad to help you with that today .".split()
+    return [{"id": f"s{i}", "prompt": f"what colour is the sky number {i} ?",
+             "completion": " ".join(words[: 1 + 4 * i])} for i in range(4)]
+
+
+def test_sft_accumulation_optimises_the_mean_over_the_steps_tokens(tmp_path):
+    """Completions of 2 to 14 tokens: batch 2 x accumulation 2 takes the same steps as batch 4 x 1 (the mean
+    over all the step's tokens, as transformers' num_items_in_batch), not the mean of two micro-batch means."""
+    data = write_jsonl(tmp_path / "sft.jsonl", _sft_rows_of_different_lengths())
+    common = dict(max_steps=2, eval_fraction=0.0, max_grad_norm=0.0, learning_rate=1e-2)
+    _, whole = run("sft", tmp_path, data, output_dir=str(tmp_path / "whole"), per_device_train_batch_size=4, **common)
+    _, split = run("sft", tmp_path, data, output_dir=str(tmp_path / "split"), per_device_train_batch_size=2,
+                   gradient_accumulation_steps=2, **common)
+    rows = [[r for r in read_jsonl(out / "metrics.jsonl") if "loss" in r] for out in (whole, split)]
+    for a, b in zip(*rows):
+        assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-5), (a, b)
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-5), (a, b)
+    for name, value in _weights(whole).items():
+        torch.testing.assert_close(_weights(split)[name], value, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_sft_accumulation_across_ranks_counts_every_ranks_tokens(tmp_path):
+    """torchrun, 2 processes x batch 1 x accumulation 2 == 1 process x batch 4 on rows of different lengths:
+    the token count of the step is all-reduced."""
+    data = write_jsonl(tmp_path / "sft.jsonl", _sft_rows_of_different_lengths())
+    common = ["--model", model_dir(), "--dataset", str(data), "--max_steps", "2", "--logging_steps", "1",
+              "--learning_rate", "1e-2", "--max_length", "64", "--disable_tqdm", "true", "--plot", "false",
+              "--eval_fraction", "0", "--max_grad_norm", "0", "--torch_threads", "1"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    log_file = tmp_path / "ddp.log"
+    with open(log_file, "w") as log:
+        done = subprocess.run(
+            [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
+             "fastpref.cli", "train", "sft", *common, "--per_device_train_batch_size", "1",
+             "--gradient_accumulation_steps", "2", "--output_dir", str(tmp_path / "ddp")],
+            env=env, stdout=log, stderr=subprocess.STDOUT, timeout=240,
+        )
+    assert done.returncode == 0, log_file.read_text()[-5000:]
+    _, whole = run("sft", tmp_path, data, output_dir=str(tmp_path / "whole"), per_device_train_batch_size=4,
+                   max_steps=2, eval_fraction=0.0, max_grad_norm=0.0, learning_rate=1e-2)
+    rows = [[r for r in read_jsonl(out / "metrics.jsonl") if "loss" in r] for out in (whole, tmp_path / "ddp")]
+    assert len(rows[1]) == 2
+    for a, b in zip(*rows):
+        assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-4), (a, b)
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-5), (a, b)
+
+
+# --- reference cache: key and damaged files ---
+
+
+def test_reference_cache_key_holds_the_precision_and_a_damaged_file_is_recomputed(tmp_path, pairs_file, capsys):
+    cache = tmp_path / "cache"
+    options = dict(precompute_ref_log_probs=True, ref_cache_dir=str(cache), max_steps=1)
+    bf16, _ = run("dpo", tmp_path, pairs_file, output_dir=str(tmp_path / "bf16"), bf16=True, **options)
+    fp32, _ = run("dpo", tmp_path, pairs_file, output_dir=str(tmp_path / "fp32"), bf16=False, **options)
+    assert (bf16["reference"]["cache"], fp32["reference"]["cache"]) == ("miss", "miss")  # never the bf16 numbers
+    assert bf16["reference"]["path"] != fp32["reference"]["path"]
+    path = Path(fp32["reference"]["path"])
+    good, cached = path.read_bytes(), torch.load(path, weights_only=True)
+    for damage in (good[: len(good) // 2], b"", b"not a torch file"):  # a copy cut short, a full disk, junk
+        path.write_bytes(damage)
+        capsys.readouterr()
+        again, _ = run("dpo", tmp_path, pairs_file, output_dir=str(tmp_path / "again"), bf16=False,
+                       overwrite_output_dir=True, **options)
+        assert again["reference"]["cache"] == "miss"
+        assert f"reference cache {path} cannot be used" in capsys.readouterr().out
+        assert again["eval_logps/chosen"] == fp32["eval_logps/chosen"]
+    recomputed = torch.load(path, weights_only=True)  # the same numbers again
+    assert recomputed["key"] == cached["key"]
+    for split in ("train", "eval"):
+        torch.testing.assert_close(recomputed["logps"][split], cached["logps"][split], rtol=0, atol=0)
+
+
+# --- metrics files ---
+
+
+def test_a_torn_last_metrics_line_does_not_block_resume(tmp_path, pairs_file):
+    _, out = run("dpo", tmp_path, pairs_file, max_steps=2, save_steps=2)
+    with (out / "metrics.jsonl").open("a") as f:
+        f.write('{"step": 3, "loss": 0.69')  # killed in the middle of a write
+    run("dpo", tmp_path, pairs_file, max_steps=3, save_steps=2, resume_from_checkpoint="last")
+    assert [r["step"] for r in read_jsonl(out / "metrics.jsonl") if "loss" in r] == [1, 2, 3]
+    assert all(json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines())
+
+
+def test_summary_is_valid_json_and_no_empty_eval_rows(tmp_path, pairs_file, monkeypatch):
+    original = loop.Trainer.evaluate
+
+    def evaluate_with_a_nan(self, split="eval"):
+        return {**original(self, split), f"{split}_made_up_metric": float("nan")}
+
+    monkeypatch.setattr(loop.Trainer, "evaluate", evaluate_with_a_nan)
+    summary, out = run("dpo", tmp_path, pairs_file, max_steps=2, eval_steps=1, eval_fraction=0.0)
+
+    def refuse(constant):
+        raise ValueError(f"summary.json holds a bare {constant}")
+
+    written = json.loads((out / "summary.json").read_text(), parse_constant=refuse)
+    assert written["train_made_up_metric"] is None
+    rows = read_jsonl(out / "metrics.jsonl")
+    assert rows and all(set(row) - {"step", "epoch"} for row in rows), rows  # no eval split: no eval rows

@@ -228,3 +228,74 @@ def test_packaged_hhh_is_loaded_as_conversations():
     assert len(rows) == 221 and test is None
     assert rows[0]["prompt"][0]["role"] == "user" and rows[0]["chosen"][0]["role"] == "assistant"
     assert json.dumps(rows[0])  # plain data
+
+
+# --- rows a user's file can hold: each error says file, line (and column) ---
+
+
+def _write_lines(path, lines: list[bytes]):
+    path.write_bytes(b"\n".join(lines) + b"\n")
+    return path
+
+
+def _build(path, task="dpo", **options):
+    config = make_config(task, model_name_or_path="x", dataset_name=str(path), eval_fraction=0.0, **options)
+    return build_splits(config, transformers.AutoTokenizer.from_pretrained(tokenizer_dir()), task)
+
+
+@pytest.mark.parametrize("column", ["prompt", "chosen", "rejected"])
+def test_a_null_field_names_file_line_and_column(tmp_path, column):
+    rows = pair_rows(3, 1)
+    rows[1][column] = None
+    path = write_jsonl(tmp_path / "d.jsonl", rows)
+    with pytest.raises(ValueError, match=rf"d\.jsonl:2: row p1-0: column '{column}' is null"):
+        _build(path)
+
+
+def test_a_message_without_string_content_is_named(tmp_path):
+    rows = [{"prompt": [{"role": "user", "content": "hi"}], "chosen": [{"role": "assistant", "content": None}],
+             "rejected": [{"role": "assistant", "content": "no ."}]}]
+    with pytest.raises(ValueError, match=r"d\.jsonl:1: column 'chosen', message 0: role and content must be strings"):
+        _build(write_jsonl(tmp_path / "d.jsonl", rows))
+
+
+def test_non_utf8_bytes_name_file_line_and_column(tmp_path):
+    lines = [json.dumps(r).encode() for r in pair_rows(3, 1)]
+    lines[1] = lines[1].replace(b"glad", b"gl\xe9d")  # Latin-1, as an old editor saves it
+    column = lines[1].index(b"\xe9") + 1
+    with pytest.raises(ValueError, match=rf"d\.jsonl:2:{column}: not UTF-8 text \(byte 0xe9\)"):
+        _build(_write_lines(tmp_path / "d.jsonl", lines))
+
+
+def test_a_utf8_byte_order_mark_is_read_as_utf8(tmp_path):
+    lines = [json.dumps(r).encode() for r in pair_rows(3, 1)]
+    path = _write_lines(tmp_path / "d.jsonl", lines)
+    path.write_bytes(b"\xef\xbb\xbf" + path.read_bytes())  # as Windows Notepad writes UTF-8
+    assert [ex.row_id for ex in _build(path).train] == ["p0-0", "p1-0", "p2-0"]
+
+
+def test_bad_json_names_file_line_and_column(tmp_path):
+    lines = [json.dumps(r).encode() for r in pair_rows(3, 1)]
+    lines[2] = b'{"prompt": "hi", "chosen": "a" "rejected": "b"}'  # a comma missing
+    column = lines[2].index(b'"rejected"') + 1
+    with pytest.raises(ValueError, match=rf"d\.jsonl:3:{column}: not valid JSON \(Expecting ',' delimiter\)"):
+        _build(_write_lines(tmp_path / "d.jsonl", lines))
+
+
+@pytest.mark.parametrize("margin", ["high", None, True, float("nan")], ids=["string", "null", "bool", "nan"])
+def test_reward_margins_must_be_numbers_on_every_row(tmp_path, margin):
+    rows = [{**row, "margin": 1.5} for row in pair_rows(3, 1)]
+    rows[1]["margin"] = margin
+    path = write_jsonl(tmp_path / "d.jsonl", rows)
+    with pytest.raises(ValueError, match=r"d\.jsonl:2: row p1-0: column 'margin' must be a finite number"):
+        _build(path, task="rm")
+
+
+def test_reward_margins_reach_the_batch_and_other_tasks_ignore_them(tmp_path):
+    rows = [{**row, "margin": float(i)} for i, row in enumerate(pair_rows(3, 1))]
+    path = write_jsonl(tmp_path / "d.jsonl", rows)
+    examples = _build(path, task="rm").train
+    assert collate(examples, pad_id=1)["margin"].tolist() == [0.0, 1.0, 2.0]
+    rows[1]["margin"] = "high"  # not read by DPO: no error, and no margin in its batches
+    examples = _build(write_jsonl(tmp_path / "d.jsonl", rows)).train
+    assert "margin" not in collate(examples, pad_id=1)

@@ -120,9 +120,19 @@ def load(path: Path, model, optimizer, scheduler, dist: Dist, fsdp: bool = False
     return state
 
 
-def prune(run_dir: Path, keep: int | None) -> None:
+def prune(run_dir: Path, keep: int | None, run_id: str | None = None) -> None:
+    """Remove the oldest checkpoints of run `run_id` beyond `keep`; another run's checkpoints (another
+    run_id in their trainer_state.json) are neither counted nor removed."""
     if not keep:
         return
-    steps = sorted((int(m.group(1)), p) for p in run_dir.glob("checkpoint-*") if (m := _NAME.match(p.name)))
+    steps = sorted((int(m.group(1)), p) for p in run_dir.glob("checkpoint-*")
+                   if (m := _NAME.match(p.name)) and _run_id(p) == run_id)
     for _, path in steps[:-keep]:
         shutil.rmtree(path, ignore_errors=True)
+
+
+def _run_id(path: Path) -> str | None:
+    try:
+        return json.loads((path / "trainer_state.json").read_text()).get("run_id")
+    except (OSError, ValueError, AttributeError):
+        return None

@@ -11,6 +11,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
+import types
+import typing
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -78,6 +81,13 @@ class TrainConfig:
     max_eval_samples: int | None = field(default=None, metadata=_help("Use only the first N held-out examples."))
     # --- optimisation (transformers' TrainingArguments names) ---
     output_dir: str | None = field(default=None, metadata=_help("Where checkpoints, metrics, plots and the model go; default runs/<task>."))
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata=_help(
+            "Start a new run in an output_dir that holds another run's files; they are moved into "
+            "output_dir/previous_runs/<their run id>/, never deleted. Without it such a directory is refused."
+        ),
+    )
     seed: int = field(default=42, metadata=_help("Seed for initialisation, data order and dropout."))
     learning_rate: float = field(default=1e-6, metadata=_help("AdamW learning rate (TRL's DPO default)."))
     weight_decay: float = field(default=0.0, metadata=_help("AdamW weight decay."))
@@ -272,6 +282,7 @@ PRESET_DEFAULTS: dict[str, dict[str, dict]] = {
             save_steps=None,
             num_train_epochs=4.0,
             gradient_checkpointing=False,  # 6.9M parameters: memory is no concern, recomputing only costs time
+            overwrite_output_dir=True,  # the demo reruns in runs/<task>; the previous demo's files are moved aside
         ),
         # Measured on the demo: an SFT warm-up on the chosen responses made held-out accuracy worse
         # (0.38-0.47 vs 0.64 without), so it is off; `--sft_warmup_steps N` turns it on.
@@ -328,11 +339,52 @@ def _normalise_resume(argv: list[str]) -> list[str]:
 def load_yaml(path: str) -> dict:
     import yaml
 
-    with open(path) as f:
-        data = yaml.safe_load(f) or {}
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = yaml.safe_load(f) or {}
+    except FileNotFoundError:
+        raise FileNotFoundError(f"--config {path}: no such file") from None
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise ValueError(f"--config {path}: not a valid YAML file ({e})") from None
     if not isinstance(data, dict):
         raise ValueError(f"--config {path}: expected a mapping of option names to values, got {type(data).__name__}")
     return data
+
+
+def _yaml_values(parser: argparse.ArgumentParser, config_cls: type[TrainConfig], data: dict, path: str) -> dict:
+    """YAML values converted as the command line converts its strings: `loss_type: sigmoid` is a one-element
+    list, `learning_rate: 5e-7` (a string to YAML 1.1) a float; a value of the wrong kind names the option."""
+    actions = {action.dest: action for action in parser._actions}
+    hints = typing.get_type_hints(config_cls)
+    out = {}
+    for name, value in data.items():
+        where = f"--config {path}: {name}"
+        if value is None:
+            if not _allows_none(hints[name]):
+                raise ValueError(f"{where} cannot be null (expected {_describe(hints[name])})")
+            out[name] = None
+            continue
+        action = actions[name]
+        many = action.nargs in ("+", "*")
+        if isinstance(value, dict) or (isinstance(value, list) and not many):
+            raise ValueError(f"{where}: expected {_describe(hints[name])}, got {type(value).__name__} {value!r}")
+        items = value if isinstance(value, list) else [value]
+        converted = [_convert(action, item, where, hints[name]) for item in items]
+        out[name] = converted if many else converted[0]
+    return out
+
+
+def _convert(action: argparse.Action, value, where: str, hint):
+    if isinstance(value, (dict, list)):
+        raise ValueError(f"{where}: expected {_describe(hint)}, got {type(value).__name__} {value!r}")
+    text = str(value).lower() if isinstance(value, bool) else str(value)
+    try:
+        converted = action.type(text) if action.type else text
+    except (ValueError, TypeError, argparse.ArgumentTypeError):
+        raise ValueError(f"{where}: expected {_describe(hint)}, got {value!r}") from None
+    if action.choices is not None and converted not in action.choices:
+        raise ValueError(f"{where}: must be one of {list(action.choices)}, got {value!r}")
+    return converted
 
 
 def parse_config(task: str, argv: list[str], prog: str | None = None) -> TrainConfig:
@@ -352,7 +404,7 @@ def parse_config(task: str, argv: list[str], prog: str | None = None) -> TrainCo
         from_yaml = load_yaml(pre_args.config)
         trl_options = {k: from_yaml.pop(k) for k in set(from_yaml) - known}
         translated = _translate_trl(task, trl_options, f"--config {pre_args.config}: ")
-        parser.set_defaults(**from_yaml)
+        parser.set_defaults(**_yaml_values(parser, config_cls, from_yaml, pre_args.config))
     outputs = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
     config, rest = outputs[0], outputs[-1]  # (config, [namespace holding --config,] remaining strings)
     if rest:
@@ -426,21 +478,100 @@ def make_config(task: str, **options) -> TrainConfig:
     return config
 
 
-def validate(config: TrainConfig) -> None:
-    """Range checks that name the option at fault."""
+def _allows_none(hint) -> bool:
+    return typing.get_origin(hint) in (typing.Union, types.UnionType) and type(None) in typing.get_args(hint)
 
-    def positive(name):
+
+def _describe(hint) -> str:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join("null" if a is type(None) else _describe(a) for a in args)
+    if origin is Literal:
+        return f"one of {list(args)}"
+    if origin is list:
+        return f"a list ({_describe(args[0])} each)"
+    return {bool: "true or false", int: "an integer", float: "a number", str: "a string"}.get(hint, str(hint))
+
+
+def _matches(value, hint) -> bool:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_matches(value, a) for a in args)
+    if hint is type(None):
+        return value is None
+    if origin is Literal:
+        return value in args
+    if origin is list:
+        return isinstance(value, list) and all(_matches(v, args[0]) for v in value)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, hint) if isinstance(hint, type) else True
+
+
+# Numeric options and their ranges: (lowest, lowest allowed?, highest, highest allowed?); every value must be finite.
+_RANGES = {
+    "learning_rate": (0, False, math.inf, False),
+    "weight_decay": (0, True, math.inf, False),
+    "adam_beta1": (0, True, 1, False),
+    "adam_beta2": (0, True, 1, False),
+    "adam_epsilon": (0, True, math.inf, False),
+    "num_train_epochs": (0, True, math.inf, False),
+    "warmup_ratio": (0, True, 1, True),
+    "max_grad_norm": (0, True, math.inf, False),
+    "eval_fraction": (0, True, 1, False),
+    "ld_alpha": (0, True, 1, True),
+    "label_smoothing": (0, True, 0.5, False),
+    "beta": (0, False, math.inf, False),
+    "simpo_gamma": (-math.inf, False, math.inf, False),
+    "cpo_alpha": (0, True, math.inf, False),
+    "sft_weight": (0, True, math.inf, False),
+    "sft_warmup_learning_rate": (0, False, math.inf, False),
+    "center_rewards_coefficient": (0, True, math.inf, False),
+    "f_alpha_divergence_coef": (-math.inf, False, math.inf, False),
+    "discopop_tau": (0, False, math.inf, False),
+    "lora_dropout": (0, True, 1, False),
+    "warmup_steps": (0, True, math.inf, False),  # steps, or a ratio of them below 1 (TRL)
+}
+# transformers.get_scheduler names that need neither an eval metric nor extra keyword arguments
+SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
+              "inverse_sqrt")
+_POSITIVE_INTS = ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
+                  "logging_steps", "eval_steps", "save_steps", "save_total_limit", "max_length", "max_prompt_length",
+                  "max_train_samples", "max_eval_samples", "memory_budget", "torch_threads",
+                  "precompute_ref_batch_size", "lora_r")
+_NON_NEGATIVE_INTS = ("sft_warmup_steps",)
+
+
+def _check_range(name: str, value: float, low: float, low_ok: bool, high: float, high_ok: bool) -> None:
+    inside = (low <= value if low_ok else low < value) and (value <= high if high_ok else value < high)
+    if not (math.isfinite(value) and inside):
+        bounds = f"{'[' if low_ok else '('}{low}, {high}{']' if high_ok else ')'}"
+        raise ValueError(f"--{name} must be a finite number in {bounds}, got {value}")
+
+
+def validate(config: TrainConfig) -> None:
+    """Types and ranges of every option, and the combinations that would only fail once the model is loaded;
+    each error names the option at fault."""
+    for name, hint in typing.get_type_hints(type(config)).items():
         value = getattr(config, name)
+        if not _matches(value, hint):
+            raise TypeError(f"--{name} must be {_describe(hint)}, got {value!r}")
+    for name, bounds in _RANGES.items():
+        value = getattr(config, name, None)
+        if value is not None:
+            _check_range(name, value, *bounds)
+    for name in _POSITIVE_INTS:
+        value = getattr(config, name, None)
         if value is not None and value <= 0:
             raise ValueError(f"--{name} must be > 0, got {value}")
-
-    for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
-                 "logging_steps", "eval_steps", "save_steps", "max_length", "max_prompt_length", "learning_rate"):
-        positive(name)
+    for name in _NON_NEGATIVE_INTS:
+        value = getattr(config, name, None)
+        if value is not None and value < 0:
+            raise ValueError(f"--{name} must be >= 0, got {value}")
     if config.max_steps <= 0 and config.num_train_epochs <= 0:
         raise ValueError("set --max_steps > 0 or --num_train_epochs > 0")
-    if not 0.0 <= config.eval_fraction < 1.0:
-        raise ValueError(f"--eval_fraction must lie in [0, 1), got {config.eval_fraction}")
     from fastpref.train.report import check
 
     if isinstance(config.report_to, str):
@@ -450,44 +581,87 @@ def validate(config: TrainConfig) -> None:
         from fastpref.train.lora import check_targets
 
         check_targets(config.lora_target_modules)
-        positive("lora_r")
         if config.fsdp:
             raise ValueError("--use_peft with --fsdp is not supported by fastpref train (use DDP)")
-        if not 0.0 <= config.lora_dropout < 1.0:
-            raise ValueError(f"--lora_dropout must lie in [0, 1), got {config.lora_dropout}")
         if isinstance(config, DPOConfig) and config.sft_warmup_steps:
             raise ValueError("--sft_warmup_steps with --use_peft is not supported by fastpref train")
     if config.truncation_mode not in (None, "keep_start", "keep_end"):
         raise ValueError(f"--truncation_mode must be keep_start or keep_end, got {config.truncation_mode!r}")
-    if config.warmup_steps < 0 or (config.warmup_steps > 1 and config.warmup_steps != int(config.warmup_steps)):
+    if config.warmup_steps > 1 and config.warmup_steps != int(config.warmup_steps):
         raise ValueError(
             f"--warmup_steps must be a whole number of steps, or a ratio in [0, 1), got {config.warmup_steps}"
         )
-    if not 0.0 <= config.warmup_ratio <= 1.0:
-        raise ValueError(f"--warmup_ratio must lie in [0, 1], got {config.warmup_ratio}")
     if config.max_prompt_length and config.max_length and config.max_prompt_length >= config.max_length:
         raise ValueError(
             f"--max_prompt_length ({config.max_prompt_length}) must be < --max_length ({config.max_length}) "
             "so that some of the completion fits"
         )
+    if config.lr_scheduler_type not in SCHEDULERS:
+        raise ValueError(
+            f"--lr_scheduler_type must be one of {list(SCHEDULERS)} (transformers' others need an eval metric or "
+            f"lr_scheduler_kwargs), got {config.lr_scheduler_type!r}"
+        )
     if isinstance(config, DPOConfig):
-        from fastpref.losses import LOSS_TYPES, check_dpo_options
+        _validate_dpo(config)
 
-        if config.loss == "dpo":
-            unknown = [name for name in config.loss_type if name not in LOSS_TYPES]
-            if unknown:
-                raise ValueError(f"--loss_type {unknown} unknown; choose from {sorted(LOSS_TYPES)}")
-            check_dpo_options(
-                config.loss_type,
-                beta=config.beta,
-                loss_weights=config.loss_weights,
-                label_smoothing=config.label_smoothing,
-                reference_free=config.reference_free,
-                f_divergence_type=config.f_divergence_type,
-                f_alpha_divergence_coef=config.f_alpha_divergence_coef,
-                discopop_tau=config.discopop_tau,
-            )
-        if config.ld_alpha is not None and not 0.0 <= config.ld_alpha <= 1.0:
-            raise ValueError(f"--ld_alpha must lie in [0, 1], got {config.ld_alpha}")
-        if config.sft_warmup_steps < 0:
-            raise ValueError(f"--sft_warmup_steps must be >= 0, got {config.sft_warmup_steps}")
+
+def _validate_dpo(config: DPOConfig) -> None:
+    from fastpref.losses import LOSS_TYPES, check_dpo_options, is_batch_coupled
+
+    if config.loss != "dpo":
+        return
+    unknown = [name for name in config.loss_type if name not in LOSS_TYPES]
+    if unknown:
+        raise ValueError(f"--loss_type {unknown} unknown; choose from {sorted(LOSS_TYPES)}")
+    if config.loss_weights is not None and not all(math.isfinite(w) for w in config.loss_weights):
+        raise ValueError(f"--loss_weights must be finite numbers, got {config.loss_weights}")
+    try:
+        check_dpo_options(
+            config.loss_type,
+            beta=config.beta,
+            loss_weights=config.loss_weights,
+            label_smoothing=config.label_smoothing,
+            reference_free=config.reference_free,
+            f_divergence_type=config.f_divergence_type,
+            f_alpha_divergence_coef=config.f_alpha_divergence_coef,
+            discopop_tau=config.discopop_tau,
+        )
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"--{e}") from None
+    if config.use_weighting and is_batch_coupled(config.loss_type):
+        raise ValueError(f"--use_weighting cannot be combined with --loss_type {config.loss_type}: 'aot' / "
+                         "'aot_unpaired' sort the pairs of a batch, which WPO's pair weights do not allow")
+
+
+# What a resumed run must keep: these fix the model being trained, the data, its split and its order
+# (the position in the data is a function of the step, the seed and the global batch).
+FIXED_ON_RESUME = (
+    "model_name_or_path", "tokenizer_name_or_path", "dataset_name", "dataset_train_split", "dataset_test_split",
+    "eval_fraction", "max_length", "max_prompt_length", "max_train_samples", "per_device_train_batch_size",
+    "gradient_accumulation_steps", "seed", "completion_only_loss", "loss", "sft_warmup_steps",
+    "sft_warmup_learning_rate",
+)
+# What changes the objective from the resumed step on: applied, with a warning.
+OBJECTIVE_OPTIONS = (
+    "beta", "loss_type", "loss_weights", "label_smoothing", "ld_alpha", "use_weighting", "f_divergence_type",
+    "f_alpha_divergence_coef", "discopop_tau", "reference_free", "simpo_gamma", "cpo_alpha", "sft_weight",
+    "center_rewards_coefficient",
+)
+
+
+def resume_changes(saved: dict, config: TrainConfig) -> dict[str, tuple]:
+    """The options of `config` that differ from a checkpoint's `saved` ones: {name: (saved, now)}.
+    ValueError naming them when the task or an option of FIXED_ON_RESUME changed."""
+    current = dataclasses.asdict(config)
+    if saved.get("task", config.task) != config.task:
+        raise ValueError(f"--resume: the checkpoint is a `fastpref train {saved['task']}` run, not {config.task}")
+    changed = {name: (saved[name], value) for name, value in current.items()
+               if name in saved and saved[name] != value and name != "resume_from_checkpoint"}
+    fixed = {name: change for name, change in changed.items() if name in FIXED_ON_RESUME}
+    if fixed:
+        listed = ", ".join(f"--{name} {old!r} -> {new!r}" for name, (old, new) in fixed.items())
+        raise ValueError(
+            f"--resume: these options cannot change within a run (they fix the model, the data or its order): "
+            f"{listed}. Resume with the checkpoint's values, or start a new run (another --output_dir)"
+        )
+    return changed

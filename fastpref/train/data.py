@@ -70,30 +70,50 @@ class Splits:
 # --- loading ---
 
 
-def _read_jsonl(path: Path) -> list[dict]:
-    rows = []
-    with open(path) as f:
-        for line_no, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{line_no}: not valid JSON ({e.msg})") from None
-            if not isinstance(row, dict):
-                raise ValueError(f"{path}:{line_no}: expected a JSON object per line, got {type(row).__name__}")
-            rows.append(row)
-    return rows
+class Rows(list):
+    """Dataset rows (dicts) that know where each one came from: `where(i)` is 'file:line' or 'dir[split] row i'."""
+
+    def __init__(self, rows: list[dict], places: list[str]):
+        super().__init__(rows)
+        self.places = places
+
+    def where(self, i: int) -> str:
+        return self.places[i]
+
+
+def _read_jsonl(path: Path) -> Rows:
+    """UTF-8 JSON lines (a leading byte-order mark is accepted); errors say file:line:column."""
+    rows, places = [], []
+    data = Path(path).read_bytes().removeprefix(b"\xef\xbb\xbf")
+    for line_no, raw in enumerate(data.splitlines(), 1):
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            column = len(raw[: e.start].decode("utf-8", errors="replace")) + 1
+            raise ValueError(
+                f"{path}:{line_no}:{column}: not UTF-8 text (byte 0x{raw[e.start]:02x}); save the file as UTF-8"
+            ) from None
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}:{line_no}:{e.colno}: not valid JSON ({e.msg})") from None
+        if not isinstance(row, dict):
+            raise ValueError(f"{path}:{line_no}: expected a JSON object per line, got {type(row).__name__}")
+        rows.append(row)
+        places.append(f"{path}:{line_no}")
+    return Rows(rows, places)
 
 
 def packaged_path(name: str) -> Path:
     return Path(str(resources.files("fastpref.data").joinpath(PACKAGED[name])))
 
 
-def _hhh_rows() -> list[dict]:
+def _hhh_rows() -> Rows:
     """The packaged HHH pairs as conversations (a user turn, an assistant reply)."""
     rows = _read_jsonl(packaged_path("hhh"))
-    return [
+    return Rows([
         {
             "id": row["id"],
             "prompt": [{"role": "user", "content": row["prompt"]}],
@@ -101,7 +121,19 @@ def _hhh_rows() -> list[dict]:
             "rejected": [{"role": "assistant", "content": row["rejected"]}],
         }
         for row in rows
-    ]
+    ], rows.places)
+
+
+def check_dataset_exists(name: str) -> None:
+    """Fail before the model loads when --dataset names nothing this machine holds."""
+    from fastpref.train.sources import dataset_is_local
+
+    if name not in PACKAGED and not dataset_is_local(name):
+        raise FileNotFoundError(
+            f"--dataset {name!r} not found: give a file (jsonl, json, parquet, csv, arrow), a folder of them, a "
+            f"save_to_disk folder, a hub id in the local Hugging Face cache (nothing is downloaded), or one of "
+            f"the packaged names {sorted(PACKAGED)}"
+        )
 
 
 def load_rows(
@@ -133,12 +165,32 @@ def _is_conversation(value) -> bool:
     return isinstance(value, list) and all(isinstance(m, dict) and "role" in m and "content" in m for m in value)
 
 
-def _check_field(row_id, column, value):
+def _check_field(label, column, value):
+    if value is None:
+        raise ValueError(
+            f"{label}: column {column!r} is null; give a string or a list of {{'role', 'content'}} messages"
+        )
     if not (isinstance(value, str) or _is_conversation(value)):
         raise ValueError(
-            f"row {row_id}: column {column!r} must be a string or a list of {{'role', 'content'}} messages, "
+            f"{label}: column {column!r} must be a string or a list of {{'role', 'content'}} messages, "
             f"got {type(value).__name__}"
         )
+    for j, message in enumerate(value if isinstance(value, list) else []):
+        if not (isinstance(message["role"], str) and isinstance(message["content"], str)):
+            raise ValueError(
+                f"{label}: column {column!r}, message {j}: role and content must be strings, got {message!r}"
+            )
+
+
+def _label(rows, i: int) -> str:
+    """Where row i is, for error messages: 'file:line: row <id>' (the row's `id` when it has one)."""
+    where = rows.where(i) if isinstance(rows, Rows) else f"row {i}"
+    return f"{where}: row {rows[i]['id']}" if "id" in rows[i] else where
+
+
+def _check_margin(label, value):
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"{label}: column 'margin' must be a finite number (the reward margin), got {value!r}")
 
 
 def required_columns(task: str, listwise: bool) -> str:
@@ -170,7 +222,7 @@ def check_columns(rows: list[dict], task: str, listwise: bool, source: str) -> s
     for i, row in enumerate(rows):
         missing = [c for c in columns if c not in row] if layout != "text" else []
         if missing and any(c in ("prompt", "chosen", "rejected", "completion", "messages", "ranked") for c in missing):
-            raise ValueError(f"dataset {source}: row {row.get('id', i)} lacks column(s) {sorted(missing)}")
+            raise ValueError(f"{_label(rows, i)} lacks column(s) {sorted(missing)}")
     return layout
 
 
@@ -181,24 +233,24 @@ def _common_prefix(a: list[dict], b: list[dict]) -> int:
     return n
 
 
-def to_prompt_completions(row: dict, layout: str, row_id: str):
-    """(prompt, [completions], margin) with each a string or a conversation."""
+def to_prompt_completions(row: dict, layout: str, label: str):
+    """(prompt, [completions], margin) with each a string or a conversation; `label` says where the row is."""
     margin = row.get("margin")
     if layout == "pair":
         chosen, rejected = row["chosen"], row["rejected"]
         prompt = row.get("prompt")
         if prompt is None:
             if not (_is_conversation(chosen) and _is_conversation(rejected)):
-                raise ValueError(f"row {row_id}: without a `prompt` column, chosen / rejected must be conversations")
+                raise ValueError(f"{label}: without a `prompt` column, chosen / rejected must be conversations")
             n = _common_prefix(chosen, rejected)
             if n == 0:
-                raise ValueError(f"row {row_id}: chosen and rejected share no leading messages to use as the prompt")
+                raise ValueError(f"{label}: chosen and rejected share no leading messages to use as the prompt")
             prompt, chosen, rejected = chosen[:n], chosen[n:], rejected[n:]
         return prompt, [chosen, rejected], margin
     if layout == "ranked":
         ranked = row["ranked"]
         if not isinstance(ranked, list) or len(ranked) < 2:
-            raise ValueError(f"row {row_id}: `ranked` must list at least 2 responses, best first")
+            raise ValueError(f"{label}: `ranked` must list at least 2 responses, best first")
         return row["prompt"], list(ranked), None
     if layout == "completion":
         return row["prompt"], [row["completion"]], None
@@ -207,12 +259,12 @@ def to_prompt_completions(row: dict, layout: str, row_id: str):
     if layout == "chosen_only":
         chosen = row["chosen"]
         if not _is_conversation(chosen) or len(chosen) < 2:
-            raise ValueError(f"row {row_id}: `chosen` without a prompt must be a conversation of 2+ messages")
+            raise ValueError(f"{label}: `chosen` without a prompt must be a conversation of 2+ messages")
         return chosen[:-1], [chosen[-1:]], None
     if layout == "messages":
         messages = row["messages"]
         if not _is_conversation(messages) or len(messages) < 2 or messages[-1]["role"] != "assistant":
-            raise ValueError(f"row {row_id}: `messages` must be a conversation ending with an assistant message")
+            raise ValueError(f"{label}: `messages` must be a conversation ending with an assistant message")
         return messages[:-1], [messages[-1:]], None
     if layout == "text":
         return "", [row["text"]], None
@@ -416,16 +468,20 @@ def build_splits(config, tokenizer, task: str, listwise: bool = False) -> Splits
         check_columns(test_rows, task, listwise, f"{config.dataset_name}[{config.dataset_test_split}]")
 
     def items(rows):
+        # the reward model reads `margin` when the data has one; every row then needs a number
+        margins = task == "rm" and any(row.get("margin") is not None for row in rows)
         out = []
         for i, row in enumerate(rows):
-            row_id = row.get("id", i)
+            row_id, label = row.get("id", i), _label(rows, i)
             for column in LAYOUT_COLUMNS[layout]:
-                if row.get(column) is not None:
+                if column in row:
                     values = row[column] if column == "ranked" and isinstance(row[column], list) else [row[column]]
                     for value in values:
-                        _check_field(row_id, column, value)
-            prompt, completions, margin = to_prompt_completions(row, layout, row_id)
-            out.append((row_id, prompt, completions, margin))
+                        _check_field(label, column, value)
+            if margins:
+                _check_margin(label, row.get("margin"))
+            prompt, completions, margin = to_prompt_completions(row, layout, label)
+            out.append((row_id, prompt, completions, margin if margins else None))
         return out
 
     notes: list[str] = []

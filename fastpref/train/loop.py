@@ -19,9 +19,9 @@ from pathlib import Path
 
 import torch
 
-from fastpref.train import checkpoint, distributed, metrics, modeling, report
+from fastpref.train import checkpoint, distributed, metrics, modeling, report, run_dir
 from fastpref.train.config import LISTWISE_LOSSES, DPOConfig, SFTConfig, TrainConfig
-from fastpref.train.data import Splits, StepSampler, build_splits, collate, eval_batches
+from fastpref.train.data import Splits, StepSampler, build_splits, check_dataset_exists, collate, eval_batches
 
 log = logging.getLogger("fastpref.train")
 
@@ -31,6 +31,10 @@ HHH_NOTICE = (
     "HHH alignment (Askell et al. 2021, via BIG-bench, Apache-2.0) is an EVALUATION set: this run trains on part "
     "of it only to show the loop end to end; its numbers are not a benchmark result."
 )
+
+
+class TrainingStopped(RuntimeError):
+    """The run cannot go on (non-finite weights, too many skipped steps); nothing bad was saved."""
 
 
 class _TqdmHandler(logging.Handler):
@@ -104,6 +108,7 @@ def _sft_warmup(config: DPOConfig, dist: distributed.Dist) -> DPOConfig:
             resume_from_checkpoint=None,
             save_steps=None,
             eval_steps=None,
+            overwrite_output_dir=True,  # a stale or interrupted warm-up of this run
         )
         log.info("SFT warm-up: %d steps on the chosen responses -> %s", config.sft_warmup_steps, out)
         train(SFTConfig(**common))
@@ -116,13 +121,12 @@ def _sft_warmup(config: DPOConfig, dist: distributed.Dist) -> DPOConfig:
 
 
 class Trainer:
-    def __init__(self, config: TrainConfig):
+    def __init__(self, config: TrainConfig, run: run_dir.RunDir | None = None):
         self.config = c = config
         self.dist = dist = distributed.init()
         setup_logging(dist)
-        self.run_dir = Path(c.run_dir())
-        if dist.main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.run = run or start(c, dist)
+        self.run_dir = self.run.path
         if c.torch_threads:
             torch.set_num_threads(c.torch_threads)
         set_seed(c.seed)
@@ -305,8 +309,20 @@ class Trainer:
                         state.get("world_size"), self.dist.world)
         self.global_step = state["global_step"]
         self.num_tokens = state.get("num_tokens", 0)
+        self._apply_options()
         self.metrics_log.truncate(self.global_step)
         log.info("resumed from %s at step %d (epoch %.2f)", path, self.global_step, state.get("epoch", 0))
+
+    def _apply_options(self) -> None:
+        """After a checkpoint is loaded, this run's optimizer options and learning rate are the ones in force
+        (the loaded optimizer and scheduler states hold the checkpoint's)."""
+        c = self.config
+        for group, decay in zip(self.optimizer.param_groups, (c.weight_decay, 0.0)):
+            group.update(weight_decay=decay, betas=(c.adam_beta1, c.adam_beta2), eps=c.adam_epsilon,
+                         initial_lr=c.learning_rate)
+        self.scheduler.base_lrs = [c.learning_rate] * len(self.optimizer.param_groups)
+        self.scheduler.last_epoch -= 1
+        self.scheduler.step()  # this run's schedule at the resumed step
 
     def _state(self) -> dict:
         spe = self.sampler.steps_per_epoch
@@ -314,23 +330,35 @@ class Trainer:
                 "data_position": {"epoch": self.global_step // spe, "batch": self.global_step % spe,
                                   "global_batch": self.sampler.global_batch, "seed": self.config.seed},
                 "total_steps": self.total_steps, "task": self.task, "model": self.start_model,
-                "num_tokens": self.num_tokens}
+                "num_tokens": self.num_tokens, **self.run.trainer_state()}
 
     def _save(self) -> None:
         checkpoint.save(self.run_dir, self.global_step, self.module, self.optimizer, self.scheduler, self._state(),
                         self.dist, self.config.fsdp)
         if self.dist.main:
-            checkpoint.prune(self.run_dir, self.config.save_total_limit)
+            checkpoint.prune(self.run_dir, self.config.save_total_limit, self.run.run_id)
+
+    def _loss_units(self, batch: dict) -> torch.Tensor:
+        """What the task's loss averages over: completion tokens for SFT, examples (pairs, rankings) else."""
+        if self.task == "sft":
+            return (batch["labels"][:, 1:] != -100).sum()
+        return torch.tensor(batch["index"].numel(), device=self.device)
 
     def _step(self) -> tuple[dict, bool]:
-        """One optimizer step over the accumulated micro-batches -> (local metrics, skipped)."""
+        """One optimizer step over the accumulated micro-batches -> (local metrics, skipped).
+
+        Each micro-batch's loss (a mean over its own units) is weighted by its share of the units of the
+        whole accumulated batch on every rank, as transformers' `num_items_in_batch`: for SFT, batch 2 x
+        accumulation 2 then optimises what batch 4 x 1 does, the mean over all the step's tokens."""
         c, dist = self.config, self.dist
         acc = metrics.Accumulator()
-        micro_batches = self.sampler.micro_batches(self.global_step, dist.rank)
+        micro_batches = [self._batch(self.splits.train, indices, "train")
+                         for indices in self.sampler.micro_batches(self.global_step, dist.rank)]
+        units = [self._loss_units(batch) for batch in micro_batches]
+        step_units = max(float(dist.sum(torch.stack(units).sum())), 1.0)
         skipped = False
         tokens = 0
-        for i, indices in enumerate(micro_batches):
-            batch = self._batch(self.splits.train, indices, "train")
+        for i, batch in enumerate(micro_batches):
             tokens += int(batch["attention_mask"].sum())
             last = i == len(micro_batches) - 1
             sync = contextlib.nullcontext() if last or not hasattr(self.wrapped, "no_sync") else self.wrapped.no_sync()
@@ -340,7 +368,8 @@ class Trainer:
                 if dist.any(not bool(torch.isfinite(loss.detach()))):
                     skipped = True
                     break
-                (loss / len(micro_batches)).backward()
+                # DDP / FSDP average the gradients over ranks: the world size undoes that average
+                (loss * (units[i] * dist.world / step_units)).backward()
             acc.add(values)
         grad_norm = float("nan")
         if not skipped:
@@ -349,16 +378,27 @@ class Trainer:
             skipped = not math.isfinite(grad_norm)
             if not skipped:
                 self.optimizer.step()
+                self._check_weights()
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
         return {"acc": acc, "grad_norm": grad_norm, "tokens": tokens}, skipped
+
+    def _check_weights(self) -> None:
+        """Stop, before anything is saved, when an update left a non-finite weight."""
+        local = [p.detach().to_local() if hasattr(p, "to_local") else p.detach() for p in self.module.parameters()]
+        if not self.dist.any(not math.isfinite(torch.nn.utils.get_total_norm(local))):
+            return
+        last = checkpoint.latest(self.run_dir)
+        raise TrainingStopped(
+            f"step {self.global_step + 1}: the optimizer step left non-finite weights (learning rate "
+            f"{self.scheduler.get_last_lr()[0]:g}, weight decay {self.config.weight_decay:g}); stopped without "
+            f"saving them. Last checkpoint: {last or 'none'}"
+        )
 
     def fit(self) -> dict:
         c, dist = self.config, self.dist
         if c.resume_from_checkpoint:
             self._resume()
-        elif dist.main:
-            (self.run_dir / "metrics.jsonl").unlink(missing_ok=True)
         if dist.main:
             (self.run_dir / "train_config.json").write_text(json.dumps(dataclasses.asdict(c), indent=1))
         spe = self.sampler.steps_per_epoch
@@ -392,7 +432,7 @@ class Trainer:
                 skipped_total += 1
                 log.warning("step %d: non-finite loss or gradient, update skipped", self.global_step)
                 if skips_in_row >= MAX_CONSECUTIVE_SKIPS:
-                    raise RuntimeError(
+                    raise TrainingStopped(
                         f"{skips_in_row} consecutive steps had a non-finite loss or gradient; lower --learning_rate "
                         "or check the data (empty completions, extreme lengths)"
                     )
@@ -416,7 +456,8 @@ class Trainer:
                     row["skipped_steps"] = skipped_total
                 self.metrics_log.write(row)
                 window_norms = []
-            if c.eval_steps and self.global_step % c.eval_steps == 0 and self.global_step < self.total_steps:
+            if c.eval_steps and self.global_step % c.eval_steps == 0 and self.global_step < self.total_steps \
+                    and self.splits.eval:
                 row = {"step": self.global_step, "epoch": round(self.global_step / spe, 4)} | self.evaluate()
                 self.metrics_log.write(row)
                 _log_eval(row)
@@ -436,7 +477,7 @@ class Trainer:
         summary["steps"] = self.global_step
         self.metrics_log.close()
         if dist.main:
-            (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+            (self.run_dir / "summary.json").write_text(metrics.to_json(summary))
             if c.plot:
                 try:
                     paths = metrics.plot(self.run_dir / "metrics.jsonl", self.run_dir / "plots",
@@ -484,10 +525,29 @@ def _log_eval(row: dict) -> None:
     log.info("step %d held-out (%s examples): %s", row["step"], row.get("eval_samples"), ", ".join(parts))
 
 
+def start(config: TrainConfig, dist: distributed.Dist) -> run_dir.RunDir:
+    """What can be checked before a model loads, then the output directory claimed for this run."""
+    if config.fsdp and not dist.enabled:
+        raise ValueError("--fsdp shards the model over processes: launch 2 or more with torchrun "
+                         "(torchrun --nproc_per_node N -m fastpref.cli train ...)")
+    check_dataset_exists(config.dataset_name)
+    out = Path(config.run_dir()).resolve()
+    for option, value in (("--model", config.model_name_or_path), ("--tokenizer_name_or_path",
+                          config.tokenizer_name_or_path), ("--dataset", config.dataset_name)):
+        if value and Path(value).exists() and (Path(value).resolve() == out or out in Path(value).resolve().parents):
+            raise ValueError(f"{option} {value} lies in --output_dir {config.run_dir()}, where this run writes: "
+                             "choose another --output_dir")
+    return run_dir.claim(config, dist)
+
+
 def train(config: TrainConfig) -> dict:
     """Run one training job (in this process, or as one rank of a torchrun group); returns its summary."""
     dist = distributed.init()
     setup_logging(dist)
-    if isinstance(config, DPOConfig) and config.sft_warmup_steps > 0:
-        config = _sft_warmup(config, dist)
-    return Trainer(config).fit()
+    run = start(config, dist)
+    try:
+        if isinstance(config, DPOConfig) and config.sft_warmup_steps > 0:
+            config = _sft_warmup(config, dist)
+        return Trainer(config, run).fit()
+    finally:
+        run.release()

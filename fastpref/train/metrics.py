@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
+import os
 import time
 import weakref
 from collections import defaultdict
@@ -13,6 +15,8 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from fastpref.train.distributed import Dist
+
+log = logging.getLogger("fastpref.train")
 
 
 class Accumulator:
@@ -47,6 +51,21 @@ class Accumulator:
         return {n: t / u if u > 0 else float("nan") for n, (t, u) in zip(names, stacked.tolist())}
 
 
+def json_safe(value):
+    """`value` with every non-finite float replaced by None, so that it is valid JSON (no bare NaN)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value
+
+
+def to_json(value, indent: int | None = 1) -> str:
+    return json.dumps(json_safe(value), indent=indent, allow_nan=False)
+
+
 class JsonLog:
     """One JSON object per line (rank 0 writes); `truncate(step)` drops rows past a resumed step."""
 
@@ -59,23 +78,37 @@ class JsonLog:
             listener.close()
 
     def truncate(self, step: int) -> None:
+        """Keep the rows up to `step` (a torn line, left by a kill mid-write, is dropped), rewritten atomically."""
         if not self.enabled or not self.path.exists():
             return
-        rows = [line for line in self.path.read_text().splitlines() if line.strip()]
-        kept = [line for line in rows if json.loads(line).get("step", 0) <= step]
-        self.path.write_text("".join(line + "\n" for line in kept))
+        kept = [json.dumps(row) for row in read_jsonl(self.path) if row.get("step", 0) <= step]
+        tmp = self.path.with_name(f".{self.path.name}.tmp")
+        tmp.write_text("".join(line + "\n" for line in kept))
+        os.replace(tmp, self.path)
 
     def write(self, row: dict) -> None:
         if self.enabled:
-            clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in row.items()}
             with self.path.open("a") as f:
-                f.write(json.dumps(clean) + "\n")
+                f.write(to_json(row, indent=None) + "\n")
             for listener in self.listeners:
                 listener.write(row)
 
 
 def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    """The rows of a JSON-lines file; a line that is not a JSON object (a torn last write) is skipped with a warning."""
+    rows = []
+    for line_no, line in enumerate(Path(path).read_text(encoding="utf-8", errors="replace").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            row = None
+        if not isinstance(row, dict):
+            log.warning("%s:%d is not a JSON object (a write cut short?): skipped", path, line_no)
+            continue
+        rows.append(row)
+    return rows
 
 
 # --- memory ---

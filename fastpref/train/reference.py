@@ -1,9 +1,12 @@
 """Reference log-probs: a live frozen copy of the model, or computed once and cached on disk.
 
-The cache key hashes everything the numbers depend on: the reference weights and config, the
-tokenized data (so the dataset, the tokenizer, the chat template and the truncation), the head
-options and LD-DPO's ld_alpha. The file is written under a temporary name and renamed, so a reader
-never sees half of it; a changed dataset or model gives a new key, never a stale hit.
+The cache key hashes everything the numbers depend on: the reference weights (names, dtypes, bytes)
+and config, the tokenized data (so the dataset, the tokenizer, the chat template, the max lengths and
+the truncation), the head options (softcap, temperature), LD-DPO's ld_alpha, and how the pass runs:
+the autocast dtype, the device type, fastpref's backend and the torch version. The file is written
+under a temporary name and renamed, so a reader never sees half of it; a changed dataset, model or
+precision gives a new key, never a stale hit. A file that cannot be read back (truncated, corrupt, not
+this key's) is named in a warning and recomputed.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from fastpref.train import modeling
 from fastpref.train.data import Splits, collate, eval_batches
 
 log = logging.getLogger("fastpref.train")
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 
 
 def default_cache_dir() -> Path:
@@ -42,14 +45,23 @@ def model_fingerprint(model: torch.nn.Module) -> str:
     return h.hexdigest()
 
 
-def cache_key(model, splits: Splits, tokenizer, ld_alpha) -> str:
+def cache_key(model, splits: Splits, tokenizer, ld_alpha, autocast_dtype: torch.dtype | None = None) -> str:
+    """autocast_dtype: the dtype autocast runs the pass's matmuls in (None: no autocast). The device and the
+    backend are the model's: the pass runs where its weights are."""
+    from fastpref.backends import backend_for
+
+    head = modeling.head_of(model)
     parts = {
         "version": CACHE_VERSION,
         "model": model_fingerprint(model),
         "data": splits.fingerprint(),
         "tokenizer": [type(tokenizer).__name__, len(tokenizer), getattr(tokenizer, "chat_template", None)],
-        "head": [modeling.head_of(model).softcap, modeling.head_of(model).temperature],
+        "head": [head.softcap, head.temperature],
         "ld_alpha": ld_alpha,
+        "autocast": str(autocast_dtype),
+        "device": head.weight.device.type,
+        "backend": backend_for(head.weight).__name__,
+        "torch": torch.__version__,
     }
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:32]
 
@@ -84,13 +96,39 @@ def _atomic_save(obj, path: Path) -> None:
         raise
 
 
+def _autocast_dtype(autocast, device) -> torch.dtype | None:
+    """The dtype `autocast()` (a context factory) runs matmuls in on `device`, None without autocast."""
+    device_type = torch.device(device).type
+    with autocast():
+        return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
+
+
+def _read_cache(path: Path, key: str, splits: Splits) -> dict | None:
+    """The cached log-probs; None when there is no file, or (with a warning naming it) when it cannot be used."""
+    if not path.exists():
+        return None
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+        logps = saved["logps"]
+        shapes = (tuple(logps["train"].shape), tuple(logps["eval"].shape))
+        problem = ("it holds another key" if saved.get("key") != key else
+                   "it does not match the data" if shapes != ((len(splits.train), 2), (len(splits.eval), 2)) else None)
+    except Exception as e:  # a truncated or corrupt file fails in many ways (EOFError, RuntimeError, pickle, ...)
+        problem = f"{type(e).__name__}: {e}"
+    if problem is not None:
+        log.warning("reference cache %s cannot be used (%s): recomputing it", path, problem)
+        return None
+    return logps
+
+
 def precomputed(model, splits: Splits, tokenizer, *, cache_dir, batch_size, device, autocast, ld_alpha, dist):
     """{"train": (N, 2), "eval": (M, 2)} reference log-probs, from the cache or computed (by rank 0) and cached.
 
     Returns (logps, hit: bool, path)."""
-    key = cache_key(model, splits, tokenizer, ld_alpha)
+    key = cache_key(model, splits, tokenizer, ld_alpha, _autocast_dtype(autocast, device))
     path = Path(cache_dir or default_cache_dir()) / f"{key}.pt"
-    hit = path.exists()
+    logps = _read_cache(path, key, splits) if dist.rank == 0 else None
+    hit = logps is not None
     if not hit and dist.rank == 0:
         log.info("precomputing reference log-probs for %d + %d examples", len(splits.train), len(splits.eval))
         logps = {
@@ -100,10 +138,8 @@ def precomputed(model, splits: Splits, tokenizer, *, cache_dir, batch_size, devi
         }
         _atomic_save({"key": key, "logps": logps}, path)
     dist.barrier()
-    saved = torch.load(path, map_location="cpu", weights_only=True)
-    if saved.get("key") != key:
-        raise RuntimeError(f"reference cache {path} holds key {saved.get('key')}, expected {key}")
-    logps = saved["logps"]
-    if logps["train"].shape[0] != len(splits.train) or logps["eval"].shape[0] != len(splits.eval):
-        raise RuntimeError(f"reference cache {path} does not match the data; delete it")
+    if logps is None:  # the other ranks read what rank 0 found or wrote
+        logps = _read_cache(path, key, splits)
+        if logps is None:
+            raise RuntimeError(f"reference cache {path}: rank 0 wrote it, rank {dist.rank} cannot read it")
     return logps, hit, path

@@ -48,6 +48,11 @@ def _looks_like_repo_id(name: str) -> bool:
     return not path.is_absolute() and not name.startswith(".") and name.count("/") <= 1 and not path.exists()
 
 
+def dataset_is_local(name: str) -> bool:
+    """Whether `name` is a local file or folder, or a hub id whose snapshot is in the local cache."""
+    return Path(name).exists() or (_looks_like_repo_id(name) and _cached_snapshot(name, "dataset") is not None)
+
+
 def _saved_to_disk(folder: Path) -> bool:
     return any((folder / marker).exists() for marker in SAVED_MARKERS)
 
