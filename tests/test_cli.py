@@ -112,7 +112,7 @@ BAD_OPTIONS = [
     (["--adam_beta2", "1.0"], "--adam_beta2 must be a finite number in \\[0, 1\\)"),
     (["--adam_epsilon=-1e-8"], "--adam_epsilon must be a finite number in \\[0, inf\\)"),
     (["--num_train_epochs", "inf"], "--num_train_epochs must be a finite number"),
-    (["--warmup_steps", "-1"], "--warmup_steps must be >= 0"),
+    (["--warmup_steps", "-1"], r"--warmup_steps must be a finite number in \[0, inf\)"),
     (["--max_grad_norm", "-1"], "--max_grad_norm must be a finite number in \\[0, inf\\)"),
     (["--max_grad_norm", "inf"], "--max_grad_norm must be a finite number"),
     (["--save_total_limit", "-2"], "--save_total_limit must be > 0"),

@@ -123,7 +123,7 @@ def test_a_bad_file_is_named(tmp_path):
     bad.write_bytes(b"not parquet at all")
     with pytest.raises(ValueError, match="bad.parquet"):
         load_rows(str(bad))
-    with pytest.raises(ValueError, match=r"d.jsonl:2: not valid JSON"):
+    with pytest.raises(ValueError, match=r"d.jsonl:2:\d+: not valid JSON"):
         (tmp_path / "d.jsonl").write_text('{"prompt": "a", "chosen": "b", "rejected": "c"}\n{oops\n')
         config = make_config("dpo", model_name_or_path="x", dataset_name=str(tmp_path / "d.jsonl"))
         build_splits(config, transformers.AutoTokenizer.from_pretrained(tokenizer_dir()), "dpo")

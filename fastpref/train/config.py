@@ -354,7 +354,10 @@ def load_yaml(path: str) -> dict:
 def _yaml_values(parser: argparse.ArgumentParser, config_cls: type[TrainConfig], data: dict, path: str) -> dict:
     """YAML values converted as the command line converts its strings: `loss_type: sigmoid` is a one-element
     list, `learning_rate: 5e-7` (a string to YAML 1.1) a float; a value of the wrong kind names the option."""
-    actions = {action.dest: action for action in parser._actions}
+    actions = {}
+    for action in parser._actions:  # a bool that defaults to True also has a typeless --no_<name>: skip it
+        if action.dest not in actions or action.type is not None:
+            actions[action.dest] = action
     hints = typing.get_type_hints(config_cls)
     out = {}
     for name, value in data.items():
