@@ -178,16 +178,44 @@ def write_configs(folder: Path, model: nn.Module, tokenizer) -> None:
         tokenizer.save_pretrained(folder)
 
 
-def _optimizer_tensors(model: nn.Module, optimizer) -> tuple[dict, dict[str, torch.Tensor]]:
-    """(the optimizer state dict keyed by parameter name, its tensors flattened as '<name>/<state key>')."""
-    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+def _optimizer_tensors(model: nn.Module, optimizer) -> dict[str, torch.Tensor]:
+    """The optimizer's state as it is held (DTensor shards under FSDP2): {'<parameter name>/<state key>': tensor}."""
+    names = {id(p): name for name, p in model.named_parameters()}
+    return {f"{names[id(p)]}/{key}": value for p, state in optimizer.state.items() for key, value in state.items()}
 
-    state = get_optimizer_state_dict(model, optimizer)  # an empty AdamW gets its state made, with zero moments
-    tensors = {f"{name}/{key}": value for name, per_param in state["state"].items() for key, value in per_param.items()}
-    untensored = [key for key, value in tensors.items() if not isinstance(value, torch.Tensor)]
-    if untensored:
-        raise TypeError(f"optimizer state values that are not tensors cannot be checkpointed: {untensored[:3]}")
-    return state, tensors
+
+def _optimizer_groups(model: nn.Module, optimizer) -> list[dict]:
+    """The hyperparameters of each parameter group, with its parameters by name (JSON)."""
+    names = {id(p): name for name, p in model.named_parameters()}
+    return [{**{k: v for k, v in group.items() if k != "params"}, "params": [names[id(p)] for p in group["params"]]}
+            for group in optimizer.param_groups]
+
+
+def _load_optimizer(folder: Path, model: nn.Module, optimizer, dist: Dist) -> None:
+    """Make the saved state tensors, laid out like their parameters (an FSDP2 shard of each moment), fill them
+    through DCP, and hand them to the optimizer. No optimizer step is taken to create the state first."""
+    from torch.distributed.checkpoint import HuggingFaceStorageReader
+
+    params = dict(model.named_parameters())
+    saved_groups = json.loads((folder / "param_groups.json").read_text())
+    live_groups = _optimizer_groups(model, optimizer)
+    if [g["params"] for g in saved_groups] != [g["params"] for g in live_groups]:
+        raise ValueError(f"{folder}: the checkpoint's optimizer holds other parameters than this model's")
+    tensors = {}
+    for key, meta in HuggingFaceStorageReader(str(folder)).read_metadata().state_dict_metadata.items():
+        param = params[key.rpartition("/")[0]]
+        like_param = len(meta.size) > 0 and tuple(meta.size) == tuple(param.shape)
+        tensors[key] = (torch.zeros_like(param, dtype=meta.properties.dtype) if like_param  # its shard, its device
+                        else torch.zeros(meta.size, dtype=meta.properties.dtype))  # e.g. AdamW's step, on the CPU
+    _load_tensors(tensors, folder, dist)
+    position = {name: i for i, name in enumerate(name for g in saved_groups for name in g["params"])}
+    state: dict[int, dict] = {}
+    for key, value in tensors.items():
+        name, _, field = key.rpartition("/")
+        state.setdefault(position[name], {})[field] = value
+    groups = [{**live, **{k: tuple(v) if isinstance(live.get(k), tuple) else v for k, v in saved.items()},
+               "params": [position[name] for name in saved["params"]]} for saved, live in zip(saved_groups, live_groups)]
+    optimizer.load_state_dict({"state": state, "param_groups": groups})
 
 
 def _write_json(path: Path, obj) -> None:
@@ -209,10 +237,10 @@ def save(run_dir: Path, step: int, model: nn.Module, optimizer, scheduler, state
     dist.barrier()
     _write_json(tmp / f"rng_state_{dist.rank}.json", rng_state())
     write_model(tmp, model, dist)
-    optim_state, tensors = _optimizer_tensors(model, optimizer)
+    tensors = _optimizer_tensors(model, optimizer)
     _save_tensors(tensors, tmp / "optimizer", _file_index(tensors, _files_for(tensors, dist)), dist)
     if dist.main:
-        _write_json(tmp / "optimizer" / "param_groups.json", optim_state["param_groups"])
+        _write_json(tmp / "optimizer" / "param_groups.json", _optimizer_groups(model, optimizer))
         _write_json(tmp / "scheduler.json", scheduler.state_dict())
         write_configs(tmp, model, tokenizer)
         _write_json(tmp / "trainer_state.json", {**state, "world_size": dist.world})
@@ -249,27 +277,12 @@ def resolve(run_dir: Path, resume: str) -> Path:
 
 def load(path: Path, model: nn.Module, optimizer, scheduler, dist: Dist) -> dict:
     """Restore the states saved by `save` into the live objects (every rank calls this); returns trainer_state."""
-    from torch.distributed.checkpoint.state_dict import (
-        StateDictOptions,
-        set_model_state_dict,
-        set_optimizer_state_dict,
-    )
-
     if (path / "model.pt").exists():
         raise ValueError(f"--resume {path}: a checkpoint of an older fastpref (model.pt / optimizer.pt pickles), "
                          "which this version does not read; start from its weights with --model instead")
     state = json.loads((path / "trainer_state.json").read_text())
-    model_state = _model_state(model)
-    _load_tensors(model_state, path, dist)
-    loaded = set_model_state_dict(model, model_state, options=StateDictOptions(strict=False))
-    if set(loaded.missing_keys) - _aliases(model) or loaded.unexpected_keys:
-        raise RuntimeError(f"{path}: model keys do not match: {loaded}")
-    optim_state, tensors = _optimizer_tensors(model, optimizer)
-    _load_tensors(tensors, path / "optimizer", dist)
-    saved_groups = json.loads((path / "optimizer" / "param_groups.json").read_text())
-    for group, saved in zip(optim_state["param_groups"], saved_groups, strict=True):
-        group.update({k: tuple(v) if isinstance(group.get(k), tuple) else v for k, v in saved.items()})
-    set_optimizer_state_dict(model, optimizer, optim_state)
+    _load_tensors(_model_state(model), path, dist)  # in place, into the parameters (their shards)
+    _load_optimizer(path / "optimizer", model, optimizer, dist)
     scheduler.load_state_dict(json.loads((path / "scheduler.json").read_text()))
     rng_file = path / f"rng_state_{dist.rank}.json"
     if rng_file.exists():

@@ -8,6 +8,7 @@ travel from rank 0 one tensor at a time. Under FSDP2 each rank then keeps only i
 
 from __future__ import annotations
 
+import builtins
 import datetime
 import os
 from dataclasses import dataclass
@@ -60,7 +61,8 @@ class Dist:
 
     def from_main(self, fn: Callable[[], Any]) -> Any:
         """`fn()` run on rank 0 only, its result on every rank. Its error is raised on every rank (rank 0 raises the
-        original), so no rank waits for the others until the process group times out."""
+        original, the others a built-in exception of the same type and message, else a RuntimeError), so no rank
+        waits for the others until the process group times out."""
         result, error = None, None
         if self.main:
             try:
@@ -68,10 +70,12 @@ class Dist:
             except Exception as exc:  # noqa: BLE001 - re-raised below, on every rank
                 error = exc
         if self.enabled:
-            message = None if error is None else f"{type(error).__name__}: {error}"
-            message, result = self.broadcast_object((message, result))
-            if message is not None and error is None:
-                raise RuntimeError(f"rank 0 failed: {message}")
+            failure = None if error is None else (type(error).__name__, str(error))
+            failure, result = self.broadcast_object((failure, None if error is not None else result))
+            if failure is not None and error is None:
+                kind = getattr(builtins, failure[0], None)
+                raise (kind if isinstance(kind, type) and issubclass(kind, Exception) else RuntimeError)(
+                    f"{failure[1]} (on rank 0)")
         if error is not None:
             raise error
         return result
