@@ -178,14 +178,16 @@ def test_resume_on_another_number_of_processes(tmp_path, pairs):
 
 def test_fsdp_bf16_mixed_precision_with_activation_checkpointing(tmp_path, pairs):
     """--fsdp --bf16: decoder weights are bf16 in the forward (FSDP2 all-gathers them in bf16), the reference
-    log-probs reach the loss in fp32, the master weights stay fp32, and with gradient checkpointing the two steps
-    follow the fp32 run within bf16 rounding (so the first step's gradients were right)."""
+    log-probs reach the loss in fp32, the live reference (sharded too) holds only its shard between forwards, the
+    master weights stay fp32, and with gradient checkpointing the two steps follow the fp32 run within bf16
+    rounding (so the first step's gradients were right)."""
     options = dict(BASE, model_name_or_path=model_dir(), dataset_name=str(pairs), max_steps=2, learning_rate=1e-2,
                    per_device_train_batch_size=2, eval_fraction=0.0)
     run("dpo", tmp_path, pairs, **{**options, "per_device_train_batch_size": 4}, output_dir=str(tmp_path / "fp32"))
     out = launch(tmp_path / "bf16", {**options, "fsdp": True, "bf16": True, "gradient_checkpointing": True})
-    for probe in probes(out):
-        assert probe["forward"] == {"weight": "torch.bfloat16", "ref_chosen": "torch.float32"}, probe
+    for probe in probes(out):  # the sharded reference gives its gathered weights back after each forward
+        assert probe["forward"] == {"weight": "torch.bfloat16", "ref_chosen": "torch.float32",
+                                    "reference_head_after_forward": "DTensor"}, probe
     fp32, bf16 = losses(tmp_path / "fp32"), losses(out)
     assert abs(fp32[2] - fp32[1]) > 0.05  # the second step moved: it tells right gradients from wrong ones
     assert bf16[1] == pytest.approx(fp32[1], abs=1e-6)  # policy == reference: log 2 whatever the precision

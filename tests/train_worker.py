@@ -6,7 +6,8 @@ OUTPUT_DIR/probes_rank<r>.json for the test to read:
 - "save" / "load": host memory of each checkpoint save and load, in MB: the RSS before the call and the rise of the
   RSS high-water mark over it during the call (Linux: /proc/self/status, the peak reset by /proc/self/clear_refs).
 - "startup": the RSS when the Trainer starts and its high-water mark once it is built (model loaded and placed).
-- "forward": the dtype of a decoder layer's weight and of the reference log-probs as the policy's forward sees them.
+- "forward": the dtype of a decoder layer's weight and of the reference log-probs as the policy's forward sees them,
+  and the type of the live reference's head weight after its forward (DTensor: resharded; Tensor: still gathered).
 """
 
 from __future__ import annotations
@@ -59,6 +60,10 @@ def _trainer_init(original):
                 PROBES["forward"]["ref_chosen"] = str(args[0]["ref_chosen"].dtype)
 
         self.module.register_forward_pre_hook(batch_dtypes)
+        if self.ref_model is not None:  # runs after FSDP2's own post-forward hook, registered before it
+            head = self.ref_model.model.get_output_embeddings()
+            self.ref_model.register_forward_hook(lambda m, a, out: PROBES["forward"].update(
+                reference_head_after_forward=type(head.weight).__name__))
 
     return wrapper
 

@@ -5,15 +5,14 @@
       model-0000k-of-0000K.safetensors, model.safetensors.index.json
             the model with full tensors: `from_pretrained(checkpoint-<step>)` loads it. K files of about equal size,
             at least one per process: every process writes its shard through torch.distributed.checkpoint (DCP)
-            into a temporary `.sharded/` folder, then assembles one of the K files from the shards.
-      optimizer/shard-0000r-model-0000k-of-0000K.safetensors, optimizer/param_groups.json
-            the AdamW state as process r holds it (its FSDP2 shard), with DCP's sharding offsets in the header
+            into a temporary `.sharded/` folder, then assembles its share of the K files from the shards.
+      optimizer/shard-<rank + 1>-model-0000k-of-0000K.safetensors, optimizer/param_groups.json
+            the AdamW state as each process holds it (its FSDP2 shard), with DCP's sharding offsets in the header
       scheduler.json, rng_state_<rank>.json, trainer_state.json (step, epoch, position in the data)
 
 Loading goes through DCP as well: each process reads only the slices of the tensors it holds, from whatever files
-hold them, so a checkpoint resumes on another number of processes, and no process holds the whole model on the way
-(the host memory of a save or a load is about one file's share of a shard per process). Only safetensors and JSON:
-nothing is unpickled. The directory is written as `.checkpoint-<step>.tmp` and renamed into place once complete; a
+hold them, so a checkpoint resumes on another number of processes and no process holds the whole model on the way
+(tests/test_train_distributed.py measures the host memory). Only safetensors and JSON: nothing is unpickled. The directory is written as `.checkpoint-<step>.tmp` and renamed into place once complete; a
 crash leaves at most a temporary directory, which `latest()` ignores and the next save removes.
 
 `export` writes the final model the same way into output_dir (hard links to the checkpoint of the last step when
@@ -91,8 +90,8 @@ def _model_state(model: nn.Module) -> dict[str, torch.Tensor]:
     `save_pretrained` writes it: `model.embed_tokens.weight`, not `lm_head.weight`)."""
     from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
-    state = get_model_state_dict(model)
-    return {name: value for name, value in state.items() if name not in _aliases(model)}
+    aliases = _aliases(model)
+    return {name: value for name, value in get_model_state_dict(model).items() if name not in aliases}
 
 
 def _aliases(model: nn.Module) -> set[str]:
@@ -159,7 +158,7 @@ def write_model(folder: Path, model: nn.Module, dist: Dist) -> None:
     index = _file_index(state, _files_for(state, dist))
     sharded = folder / ".sharded"
     _save_tensors(state, sharded, index, dist)
-    if dist.enabled:  # each rank assembles the files numbered rank + 1 (mod world) from every rank's shards
+    if dist.enabled:  # each rank assembles its share of the K files from every rank's shards
         consolidate_safetensors_files_on_every_rank(str(sharded), str(folder), index)
     else:
         consolidate_safetensors_files(str(sharded), str(folder), index)

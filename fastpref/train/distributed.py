@@ -178,8 +178,10 @@ def wrap(module: nn.Module, dist: Dist, fsdp: bool, bf16: bool = False) -> nn.Mo
 
         for layer in _decoder_layers(module):
             fully_shard(layer, mp_policy=policy(True))
-        # the root's inputs hold fp32 reference log-probs and margins: never cast them to bf16
-        fully_shard(module, mp_policy=policy(False))
+        # The root's inputs hold fp32 reference log-probs and margins: never cast them to bf16. FSDP2 keeps a root's
+        # parameters gathered from its forward to its backward; a frozen module has no backward: reshard at once.
+        frozen = not any(p.requires_grad for p in module.parameters())
+        fully_shard(module, mp_policy=policy(False), reshard_after_forward=True if frozen else None)
         if any(p.is_meta for p in module.parameters()) or any(b.is_meta for b in module.buffers()):
             module.to_empty(device=dist.device)
         return module
