@@ -278,6 +278,28 @@ def test_resume_is_exact(tmp_path, pairs_file, monkeypatch):
     assert steps == list(range(1, 11))  # the metrics log continues without duplicates
 
 
+def test_resume_refuses_a_checkpoint_it_cannot_use(tmp_path):
+    """A checkpoint of another model (a tensor shaped otherwise) and one of an older fastpref (model.pt pickles):
+    a ValueError naming the checkpoint, before anything is loaded."""
+    from fastpref.train import checkpoint
+    from fastpref.train.distributed import Dist
+
+    def model_and_optimizer(**overrides):
+        model = transformers.AutoModelForCausalLM.from_config(tiny_config("llama", **overrides))
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        return model, optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+
+    model, optimizer, scheduler = model_and_optimizer()
+    model(input_ids=torch.tensor([[3, 4, 5]]), labels=torch.tensor([[3, 4, 5]])).loss.backward()
+    optimizer.step()
+    path = checkpoint.save(tmp_path, 1, model, optimizer, scheduler, {"global_step": 1}, Dist())
+    with pytest.raises(ValueError, match=r"checkpoint-1: the checkpoint holds another model .*self_attn"):
+        checkpoint.load(path, *model_and_optimizer(head_dim=4), Dist())
+    (path / "model.pt").write_bytes(b"")
+    with pytest.raises(ValueError, match="checkpoint-1: a checkpoint of an older fastpref"):
+        checkpoint.load(path, model, optimizer, scheduler, Dist())
+
+
 # --- DDP ---
 
 

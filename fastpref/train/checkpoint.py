@@ -138,6 +138,13 @@ def _load_tensors(state: dict[str, torch.Tensor], folder: Path, dist: Dist) -> N
         dcp.load(state, storage_reader=HuggingFaceStorageReader(str(folder)), no_dist=not dist.enabled)
 
 
+def _stored(folder: Path) -> dict:
+    """{name: DCP TensorStorageMetadata (global size, dtype)} of the tensors in the safetensors files of `folder`."""
+    from torch.distributed.checkpoint import HuggingFaceStorageReader
+
+    return HuggingFaceStorageReader(str(folder)).read_metadata().state_dict_metadata
+
+
 @contextlib.contextmanager
 def _one_process_quiet(dist: Dist):
     """DCP warns on every call without a process group that it assumes one process: that is what we mean."""
@@ -193,15 +200,13 @@ def _optimizer_groups(model: nn.Module, optimizer) -> list[dict]:
 def _load_optimizer(folder: Path, model: nn.Module, optimizer, dist: Dist) -> None:
     """Make the saved state tensors, laid out like their parameters (an FSDP2 shard of each moment), fill them
     through DCP, and hand them to the optimizer. No optimizer step is taken to create the state first."""
-    from torch.distributed.checkpoint import HuggingFaceStorageReader
-
     params = dict(model.named_parameters())
     saved_groups = json.loads((folder / "param_groups.json").read_text())
     live_groups = _optimizer_groups(model, optimizer)
     if [g["params"] for g in saved_groups] != [g["params"] for g in live_groups]:
         raise ValueError(f"{folder}: the checkpoint's optimizer holds other parameters than this model's")
     tensors = {}
-    for key, meta in HuggingFaceStorageReader(str(folder)).read_metadata().state_dict_metadata.items():
+    for key, meta in _stored(folder).items():
         param = params[key.rpartition("/")[0]]
         like_param = len(meta.size) > 0 and tuple(meta.size) == tuple(param.shape)
         tensors[key] = (torch.zeros_like(param, dtype=meta.properties.dtype) if like_param  # its shard, its device
@@ -280,7 +285,14 @@ def load(path: Path, model: nn.Module, optimizer, scheduler, dist: Dist) -> dict
         raise ValueError(f"--resume {path}: a checkpoint of an older fastpref (model.pt / optimizer.pt pickles), "
                          "which this version does not read; start from its weights with --model instead")
     state = json.loads((path / "trainer_state.json").read_text())
-    _load_tensors(_model_state(model), path, dist)  # in place, into the parameters (their shards)
+    model_state = _model_state(model)
+    stored = {k: tuple(meta.size) for k, meta in _stored(path).items()}
+    wrong = [name for name, value in model_state.items() if stored.get(name) != tuple(value.shape)]
+    if wrong:
+        raise ValueError(f"--resume {path}: the checkpoint holds another model than this run's {type(model).__name__}: "
+                         f"{len(wrong)} tensors missing or shaped otherwise, e.g. {wrong[0]} "
+                         f"{stored.get(wrong[0], 'missing')} in the checkpoint, {tuple(model_state[wrong[0]].shape)} here")
+    _load_tensors(model_state, path, dist)  # in place, into the parameters (their shards)
     _load_optimizer(path / "optimizer", model, optimizer, dist)
     scheduler.load_state_dict(json.loads((path / "scheduler.json").read_text()))
     rng_file = path / f"rng_state_{dist.rank}.json"

@@ -11,8 +11,9 @@ from __future__ import annotations
 import builtins
 import datetime
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.distributed as tdist
