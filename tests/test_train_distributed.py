@@ -78,6 +78,22 @@ BASE = dict(logging_steps=1, learning_rate=1e-3, max_length=64, disable_tqdm=Tru
             per_device_eval_batch_size=8)
 
 
+def test_an_error_on_rank_0_stops_every_rank(tmp_path, pairs):
+    """Only rank 0 loads the model: its error (here a missing model folder) reaches the other rank at once, as the
+    same clear error, instead of leaving it waiting for the process group's 30-minute timeout."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
+               "fastpref.cli", "train", "dpo", "--model", str(tmp_path / "missing"), "--dataset", str(pairs),
+               "--output_dir", str(tmp_path / "out")]
+    log_file = tmp_path / "job.log"
+    with open(log_file, "w") as log:
+        done = subprocess.run(command, env=env, stdout=log, stderr=subprocess.STDOUT, timeout=120)
+    text = log_file.read_text()
+    assert done.returncode != 0
+    assert text.count("fastpref train dpo: error: model") == 2, text[-3000:]  # both ranks: the CLI's clear error
+    assert "(on rank 0)" in text, text[-3000:]
+
+
 # --- exact resume, sharded files, the split reference pass, the export ---
 
 

@@ -1,4 +1,6 @@
-"""Reference log-probs: a live frozen copy of the model, or computed once and cached on disk.
+"""Reference log-probs: a live frozen copy of the model, or computed once and cached on disk. Under torchrun every
+process scores its share of the data (with the reference sharded like the policy under FSDP2) and the shares are
+gathered: the cached numbers are those of one process.
 
 The cache key hashes everything the numbers depend on: the reference weights and config, the
 tokenized data (so the dataset, the tokenizer, the chat template and the truncation), the head
