@@ -39,16 +39,21 @@ def _cli(options: dict) -> list[str]:
     return args
 
 
-def launch(out: Path, options: dict, processes: int = 2, task: str = "dpo") -> Path:
-    """A torchrun job of `processes` gloo processes; returns its output_dir."""
-    out.mkdir(parents=True, exist_ok=True)
+def torchrun(args: list[str], log_file: Path, timeout: float = 300) -> tuple[int, str]:
+    """Two gloo processes running `args` (a script or `-m module` and its arguments) -> (exit code, output)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes),
-               str(WORKER), task, *_cli({**options, "output_dir": out, "torch_threads": 1})]
-    log_file = out.parent / f"{out.name}.log"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *args]
     with open(log_file, "w") as log:  # a file, not a pipe: torchrun's helpers can hold a pipe open past the job
-        done = subprocess.run(command, env=env, stdout=log, stderr=subprocess.STDOUT, timeout=300)
-    assert done.returncode == 0, log_file.read_text()[-5000:]
+        done = subprocess.run(command, env=env, stdout=log, stderr=subprocess.STDOUT, timeout=timeout)
+    return done.returncode, log_file.read_text()
+
+
+def launch(out: Path, options: dict) -> Path:
+    """A 2-process `fastpref train dpo` job (with the worker's probes); returns its output_dir."""
+    out.mkdir(parents=True, exist_ok=True)
+    code, text = torchrun([str(WORKER), "dpo", *_cli({**options, "output_dir": out, "torch_threads": 1})],
+                          out.parent / f"{out.name}.log")
+    assert code == 0, text[-5000:]
     return out
 
 
@@ -81,15 +86,9 @@ BASE = dict(logging_steps=1, learning_rate=1e-3, max_length=64, disable_tqdm=Tru
 def test_an_error_on_rank_0_stops_every_rank(tmp_path, pairs):
     """Only rank 0 loads the model: its error (here a missing model folder) reaches the other rank at once, as the
     same clear error, instead of leaving it waiting for the process group's 30-minute timeout."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
-               "fastpref.cli", "train", "dpo", "--model", str(tmp_path / "missing"), "--dataset", str(pairs),
-               "--output_dir", str(tmp_path / "out")]
-    log_file = tmp_path / "job.log"
-    with open(log_file, "w") as log:
-        done = subprocess.run(command, env=env, stdout=log, stderr=subprocess.STDOUT, timeout=120)
-    text = log_file.read_text()
-    assert done.returncode != 0
+    code, text = torchrun(["-m", "fastpref.cli", "train", "dpo", "--model", str(tmp_path / "missing"), "--dataset",
+                           str(pairs), "--output_dir", str(tmp_path / "out")], tmp_path / "job.log", timeout=120)
+    assert code != 0
     assert text.count("fastpref train dpo: error: model") == 2, text[-3000:]  # both ranks: the CLI's clear error
     assert "(on rank 0)" in text, text[-3000:]
 
@@ -222,7 +221,8 @@ def test_host_memory_of_saving_and_resuming_stays_near_one_shard(tmp_path):
     """A ~300 MB model (fp32; AdamW moments 600 MB) on 2 FSDP2 processes, each holding a ~440 MB shard of weights
     + moments: while a checkpoint is saved, and while it is loaded (which makes the moments), each process's RSS
     high-water mark rises by less than 1.25 shards. Holding the whole state on one process (the former rank-0
-    gather, every rank reading whole files) takes two shards more; no checkpoint file holds the whole model."""
+    gather, every rank reading whole files) takes two shards more; no checkpoint file holds the whole model. At
+    start-up only rank 0 holds the whole model."""
     rows = write_jsonl(tmp_path / "pairs.jsonl", pair_rows(4, 1))
     folder = tmp_path / "model"
     tok = transformers.AutoTokenizer.from_pretrained(tokenizer_dir())
@@ -253,3 +253,6 @@ def test_host_memory_of_saving_and_resuming_stays_near_one_shard(tmp_path):
         assert report[f"rank{rank}"]["save_rise_mb"] < 1.25 * shard_mb, report
         assert report[f"rank{rank}"]["load_rise_mb"] < 1.25 * shard_mb, report
     assert max(sizes.values()) < model_mb  # no file holds the whole model
+    # start-up: only rank 0 ever holds the whole model (it loads it); rank 1 receives its shard
+    startup = [report[f"rank{rank}"]["startup"]["peak_mb"] for rank in range(2)]
+    assert startup[0] - startup[1] > 0.75 * model_mb, report
