@@ -169,10 +169,11 @@ def test_sft_end_to_end(tmp_path, pairs_file):
     assert {"loss", "entropy", "mean_token_accuracy", "grad_norm", "learning_rate"} <= set(rows[0])
     assert all(torch.isfinite(torch.tensor(r["loss"])) for r in rows if "loss" in r)
     assert rows[-1]["loss"] < rows[0]["loss"]
-    loaded = transformers.AutoModelForCausalLM.from_pretrained(out)
-    ckpt = torch.load(out / "checkpoint-3" / "model.pt", weights_only=False)
-    for name, value in loaded.state_dict().items():
-        torch.testing.assert_close(ckpt[f"model.{name}"], value, rtol=0, atol=0)
+    final, ckpt = _weights(out), _weights(out / "checkpoint-3")  # checkpoints load with from_pretrained too
+    start = _weights(model_dir())
+    for name, value in final.items():
+        torch.testing.assert_close(ckpt[name], value, rtol=0, atol=0)
+    assert any(not torch.equal(value, start[name]) for name, value in final.items())
     assert summary["eval_samples"] > 0
 
 
@@ -189,9 +190,10 @@ def test_dpo_end_to_end(tmp_path, pairs_file, loss, loss_type):
     evals = [r for r in read_jsonl(out / "metrics.jsonl") if "eval_loss" in r]
     assert evals and "eval_rewards/accuracies" in evals[-1]
     model = transformers.AutoModelForCausalLM.from_pretrained(out)
-    state = torch.load(out / "checkpoint-3" / "model.pt", weights_only=False)
-    assert torch.equal(state["model.lm_head.weight"], model.lm_head.weight)
-    assert (out / "checkpoint-3" / "optimizer.pt").exists() and (out / "checkpoint-3" / "rng_state_0.pt").exists()
+    checkpoint = transformers.AutoModelForCausalLM.from_pretrained(out / "checkpoint-3")
+    assert torch.equal(checkpoint.lm_head.weight, model.lm_head.weight)
+    assert (out / "checkpoint-3" / "optimizer" / "param_groups.json").exists()
+    assert (out / "checkpoint-3" / "rng_state_0.json").exists()
     assert json.loads((out / "checkpoint-3" / "trainer_state.json").read_text())["global_step"] == 3
     if loss == "dpo":
         assert rows[0]["rewards/margins"] == pytest.approx(0.0, abs=1e-3)  # policy == reference at step 1
@@ -274,6 +276,28 @@ def test_resume_is_exact(tmp_path, pairs_file, monkeypatch):
         torch.testing.assert_close(resumed[name], straight[name], rtol=0, atol=0, msg=name)
     steps = [r["step"] for r in read_jsonl(tmp_path / "resumed" / "metrics.jsonl") if "loss" in r]
     assert steps == list(range(1, 11))  # the metrics log continues without duplicates
+
+
+def test_resume_refuses_a_checkpoint_it_cannot_use(tmp_path):
+    """A checkpoint of another model (a tensor shaped otherwise) and one of an older fastpref (model.pt pickles):
+    a ValueError naming the checkpoint, before anything is loaded."""
+    from fastpref.train import checkpoint
+    from fastpref.train.distributed import Dist
+
+    def model_and_optimizer(**overrides):
+        model = transformers.AutoModelForCausalLM.from_config(tiny_config("llama", **overrides))
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        return model, optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+
+    model, optimizer, scheduler = model_and_optimizer()
+    model(input_ids=torch.tensor([[3, 4, 5]]), labels=torch.tensor([[3, 4, 5]])).loss.backward()
+    optimizer.step()
+    path = checkpoint.save(tmp_path, 1, model, optimizer, scheduler, {"global_step": 1}, Dist())
+    with pytest.raises(ValueError, match=r"checkpoint-1: the checkpoint holds another model .*self_attn"):
+        checkpoint.load(path, *model_and_optimizer(head_dim=4), Dist())
+    (path / "model.pt").write_bytes(b"")
+    with pytest.raises(ValueError, match="checkpoint-1: a checkpoint of an older fastpref"):
+        checkpoint.load(path, model, optimizer, scheduler, Dist())
 
 
 # --- DDP ---

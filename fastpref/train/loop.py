@@ -22,6 +22,7 @@ import torch
 from fastpref.train import checkpoint, distributed, metrics, modeling, report, run_dir
 from fastpref.train.config import LISTWISE_LOSSES, DPOConfig, SFTConfig, TrainConfig
 from fastpref.train.data import Splits, StepSampler, build_splits, check_dataset_exists, collate, eval_batches
+from fastpref.train.reference import ReferenceModule
 
 log = logging.getLogger("fastpref.train")
 
@@ -75,12 +76,14 @@ def set_seed(seed: int) -> None:
         pass
 
 
-def _autocast_factory(config: TrainConfig, device: torch.device):
+def _autocast_factory(config: TrainConfig, device: torch.device, fsdp: bool):
+    """(context factory, bf16). Under FSDP2, bf16 is its mixed-precision policy (bf16 parameters in the forward),
+    not autocast."""
     bf16 = config.bf16
     if bf16 is None:
         bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
-    if not bf16:
-        return contextlib.nullcontext, False
+    if not bf16 or fsdp:
+        return contextlib.nullcontext, bool(bf16)
     return (lambda: torch.autocast(device_type=device.type, dtype=torch.bfloat16)), True
 
 
@@ -134,9 +137,15 @@ class Trainer:
         self.listwise = isinstance(c, DPOConfig) and c.loss in LISTWISE_LOSSES
         self.start_model = c.model_name_or_path
 
-        model, self.tokenizer = modeling.load_model_and_tokenizer(
-            c.model_name_or_path, self.task, c.seed, c.tokenizer_name_or_path
-        )
+        self.fsdp = c.fsdp and dist.enabled
+        if c.fsdp and not dist.enabled:
+            log.info("--fsdp on one process: nothing to shard, the model stays whole")
+
+        # rank 0 loads the model; the other ranks build it empty (meta device) and receive its weights when placed
+        loaded = distributed.load_on_main(lambda: modeling.load_model_and_tokenizer(
+            c.model_name_or_path, self.task, c.seed, c.tokenizer_name_or_path), dist)
+        self.tokenizer = loaded.tokenizer
+        model = loaded.model if loaded.model is not None and not self.fsdp else loaded.empty()
         if c.disable_dropout:
             modeling.disable_dropout(model)
         if self.task != "reward":
@@ -147,21 +156,10 @@ class Trainer:
         for note in self.splits.notes:
             log.info(note)
         self.device = dist.device
-        model.to(self.device)
-        self.autocast, self.bf16 = _autocast_factory(c, self.device)
-
-        # reference: precomputed once (cached on disk) or a live frozen copy; none for reference-free losses
-        self.ref_model, self.ref_logps, self.reference = None, None, {"kind": "none"}
-        if isinstance(c, DPOConfig) and c.needs_reference():
-            if c.precompute_ref_log_probs:
-                self.ref_logps, hit, path = self._precompute(model)
-                log.info("reference log-probs: %s %s", "cache hit" if hit else "computed and cached in", path)
-                self.reference = {"kind": "precomputed", "cache": "hit" if hit else "miss", "path": str(path)}
-            elif c.use_peft:
-                self.reference = {"kind": "adapters disabled"}  # the base model, as TRL: no second copy
-            else:
-                self.ref_model = modeling.frozen_copy(model)
-                self.reference = {"kind": "live"}
+        self.autocast, self.bf16 = _autocast_factory(c, self.device, self.fsdp)
+        needs_reference = isinstance(c, DPOConfig) and c.needs_reference()
+        if needs_reference and c.precompute_ref_log_probs:  # keyed on the starting weights, before any adapter
+            ref_key = self._reference_key(loaded)
         if c.use_peft:
             from fastpref.train import lora
 
@@ -175,7 +173,21 @@ class Trainer:
         self.model = model
         self.module = modeling.MODULES[self.task](model.get_base_model() if c.use_peft else model, c)
         self.module.train()
-        self.wrapped = distributed.wrap(self.module, dist, c.fsdp)
+        self.wrapped = self._place(self.module, loaded.model)
+
+        # reference: precomputed once (cached on disk) or a live frozen copy; none for reference-free losses
+        self.ref_model, self.ref_logps, self.reference = None, None, {"kind": "none"}
+        if needs_reference:
+            if c.precompute_ref_log_probs:
+                self.ref_logps, hit, path = self._precompute(loaded, ref_key)
+                log.info("reference log-probs: %s %s", "cache hit" if hit else "computed and cached in", path)
+                self.reference = {"kind": "precomputed", "cache": "hit" if hit else "miss", "path": str(path)}
+            elif c.use_peft:
+                self.reference = {"kind": "adapters disabled"}  # the base model, as TRL: no second copy
+            else:
+                self.ref_model = self._live_reference(loaded)
+                self.reference = {"kind": "live"}
+        loaded.model = None  # under FSDP2, rank 0's full copy goes now
 
         from transformers import get_scheduler
 
@@ -197,28 +209,67 @@ class Trainer:
             self.metrics_log.listeners.append(report.Reporter(c.report_to, self.run_dir, name, dataclasses.asdict(c)))
         self.global_step = 0
         self.num_tokens = 0  # every process's attention-mask tokens trained on so far (TRL's num_tokens)
+        self.saved_step = None  # the step of the checkpoint this run wrote last
 
-    # --- reference ---
+    # --- placement and reference ---
 
-    def _precompute(self, model):
+    def _place(self, module: torch.nn.Module, source: torch.nn.Module | None) -> torch.nn.Module:
+        """Shard (FSDP2) or replicate (DDP) `module`, whose `.model` is empty except on rank 0 (`source`)."""
+        dist = self.dist
+        if self.fsdp:
+            wrapped = distributed.wrap(module, dist, True, bf16=self.bf16)
+            distributed.fill_sharded(module.model, source, dist)
+            return wrapped
+        if module.model is not source:  # a DDP rank other than 0: DDP's constructor copies rank 0's weights in
+            distributed.materialize(module.model, dist.device)
+        module.to(dist.device)
+        return distributed.wrap(module, dist, False)
+
+    def _sharded_reference(self, loaded: distributed.Loaded) -> torch.nn.Module:
+        """A frozen copy of the starting model, sharded like the policy (FSDP2, same mixed precision)."""
+        ref = ReferenceModule(loaded.empty(), self.config.ld_alpha).requires_grad_(False)
+        self._place(ref, loaded.model)
+        return ref.eval()
+
+    def _live_reference(self, loaded: distributed.Loaded) -> torch.nn.Module:
+        if self.fsdp:
+            return self._sharded_reference(loaded)
+        return ReferenceModule(modeling.frozen_copy(self.model), self.config.ld_alpha).eval()
+
+    def _reference_key(self, loaded: distributed.Loaded) -> str:
+        """The reference cache's key, from rank 0's starting weights and the dtype the pass computes in."""
+        from fastpref.train.reference import autocast_dtype, cache_key
+
+        dtype = autocast_dtype(self.autocast, self.device) or (torch.bfloat16 if self.bf16 else None)
+        return self.dist.from_main(
+            lambda: cache_key(loaded.model, self.splits, self.tokenizer, self.config.ld_alpha, dtype)
+        )
+
+    def _adapters_off(self):
+        """The base model's forward under LoRA (the adapters disabled, as TRL's reference); else nothing."""
+        return self.model.disable_adapter() if self.config.use_peft else contextlib.nullcontext()
+
+    def _precompute(self, loaded: distributed.Loaded, key: str):
         c = self.config
         from fastpref.train.reference import precomputed
 
-        return precomputed(
-            model, self.splits, self.tokenizer, cache_dir=c.ref_cache_dir,
-            batch_size=c.precompute_ref_batch_size or c.per_device_eval_batch_size, device=self.device,
-            autocast=self.autocast, ld_alpha=c.ld_alpha, dist=self.dist,
-        )
+        make_scorer = (lambda: self._sharded_reference(loaded)) if self.fsdp else (
+            lambda: ReferenceModule(self.model, c.ld_alpha))
+        with self._adapters_off():
+            return precomputed(
+                key, make_scorer, self.splits, self.tokenizer, cache_dir=c.ref_cache_dir,
+                batch_size=c.precompute_ref_batch_size or c.per_device_eval_batch_size, device=self.device,
+                autocast=self.autocast, dist=self.dist, collective=self.fsdp,
+            )
 
     def _with_reference(self, batch: dict, split: str) -> dict:
         if self.ref_logps is not None:
             ref = self.ref_logps[split][batch["index"].cpu()]
             batch["ref_chosen"], batch["ref_rejected"] = ref[:, 0].to(self.device), ref[:, 1].to(self.device)
         elif self.ref_model is not None or self.reference["kind"] == "adapters disabled":
-            adapters_off = self.model.disable_adapter() if self.ref_model is None else contextlib.nullcontext()
-            with torch.no_grad(), self.autocast(), adapters_off:
-                ref_model = self.ref_model if self.ref_model is not None else self.module.model
-                ref = modeling.sequence_logps(ref_model, batch, ld_alpha=self.config.ld_alpha).float()
+            with torch.no_grad(), self.autocast(), self._adapters_off():
+                ref = (self.ref_model(batch) if self.ref_model is not None else
+                       modeling.sequence_logps(self.module.model, batch, ld_alpha=self.config.ld_alpha)).float()
             batch["ref_chosen"], batch["ref_rejected"] = ref.chunk(2)
         return batch
 
@@ -232,7 +283,7 @@ class Trainer:
     def head_memory_report(self) -> dict | None:
         """Peak memory of the loss head alone (forward + backward) on one training batch, beside the
         textbook head's N x V logits + fp32 log_softmax computed from the same shapes."""
-        if self.task == "reward" or self.config.fsdp:
+        if self.task == "reward" or self.fsdp:
             return None
         examples = self.splits.train
         indices = self.sampler.micro_batches(0, 0)[0]
@@ -284,7 +335,7 @@ class Trainer:
         if not examples:
             return {}
         c, dist = self.config, self.dist
-        sharded = not c.fsdp  # FSDP: every rank runs every batch (forward is collective), counted once
+        sharded = not self.fsdp  # FSDP: every rank runs every batch (forward is collective), counted once
         rank, world = (dist.rank, dist.world) if sharded else (0, 1)
         acc = metrics.Accumulator()
         self.module.eval()
@@ -303,10 +354,13 @@ class Trainer:
     def _resume(self) -> None:
         c = self.config
         path = checkpoint.resolve(self.run_dir, c.resume_from_checkpoint)
-        state = checkpoint.load(path, self.module, self.optimizer, self.scheduler, self.dist, c.fsdp)
-        if state.get("world_size") != self.dist.world:
-            log.warning("resuming a %s-process checkpoint on %d processes: the data order differs",
-                        state.get("world_size"), self.dist.world)
+        state = checkpoint.load(path, self.model, self.optimizer, self.scheduler, self.dist)
+        if state["data_position"]["global_batch"] != self.sampler.global_batch:
+            log.warning("resuming a checkpoint of global batch %d with global batch %d: the data order differs",
+                        state["data_position"]["global_batch"], self.sampler.global_batch)
+        elif state.get("world_size") != self.dist.world:
+            log.info("resuming a %s-process checkpoint on %d processes: same batches, new per-process random streams",
+                     state.get("world_size"), self.dist.world)
         self.global_step = state["global_step"]
         self.num_tokens = state.get("num_tokens", 0)
         self._apply_options()
@@ -333,8 +387,9 @@ class Trainer:
                 "num_tokens": self.num_tokens, **self.run.trainer_state()}
 
     def _save(self) -> None:
-        checkpoint.save(self.run_dir, self.global_step, self.module, self.optimizer, self.scheduler, self._state(),
-                        self.dist, self.config.fsdp)
+        checkpoint.save(self.run_dir, self.global_step, self.model, self.optimizer, self.scheduler, self._state(),
+                        self.dist, tokenizer=self.tokenizer)
+        self.saved_step = self.global_step
         if self.dist.main:
             checkpoint.prune(self.run_dir, self.config.save_total_limit, self.run.run_id)
 
@@ -407,7 +462,7 @@ class Trainer:
             "accumulation), lr %g, device %s%s",
             self.task, len(self.splits.train), len(self.splits.eval), self.total_steps, spe, self.sampler.global_batch,
             c.per_device_train_batch_size, dist.world, c.gradient_accumulation_steps, c.learning_rate, self.device,
-            ", bf16 autocast" if self.bf16 else "",
+            ("" if not self.bf16 else ", bf16 FSDP2 mixed precision" if self.fsdp else ", bf16 autocast"),
         )
         summary: dict = {"task": self.task, "model": self.start_model, "reference": self.reference}
         if dist.main and self.global_step == 0:
@@ -488,20 +543,11 @@ class Trainer:
         return summary
 
     def _save_final(self) -> None:
-        """save_pretrained (model + tokenizer) into output_dir."""
-        if self.config.fsdp:
-            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-            full = get_model_state_dict(self.module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-            state = {k.removeprefix("model."): v for k, v in full.items()}
-        else:
-            state = None
-        if self.dist.main:
-            kwargs = {"state_dict": state} if state is not None else {}
-            self.model.save_pretrained(self.run_dir, **kwargs)
-            self.tokenizer.save_pretrained(self.run_dir)
-            log.info("model saved to %s", self.run_dir)
-        self.dist.barrier()
+        """The model + config + tokenizer into output_dir, for from_pretrained (hard links to a checkpoint this run
+        wrote of the same step)."""
+        same = self.run_dir / f"checkpoint-{self.global_step}" if self.saved_step == self.global_step else None
+        checkpoint.export(self.run_dir, self.model, self.tokenizer, self.dist, same)
+        log.info("model saved to %s", self.run_dir)
 
 
 def _round(x):

@@ -1,4 +1,6 @@
-"""Reference log-probs: a live frozen copy of the model, or computed once and cached on disk.
+"""Reference log-probs: a live frozen copy of the model, or computed once and cached on disk. Under torchrun every
+process scores its share of the data (with the reference sharded like the policy under FSDP2) and the shares are
+gathered: the cached numbers are those of one process.
 
 The cache key hashes everything the numbers depend on: the reference weights (names, dtypes, bytes)
 and config, the tokenized data (so the dataset, the tokenizer, the chat template, the max lengths and
@@ -19,9 +21,11 @@ import tempfile
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from fastpref.train import modeling
 from fastpref.train.data import Splits, collate, eval_batches
+from fastpref.train.distributed import Dist
 
 log = logging.getLogger("fastpref.train")
 CACHE_VERSION = 2
@@ -66,21 +70,44 @@ def cache_key(model, splits: Splits, tokenizer, ld_alpha, autocast_dtype: torch.
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:32]
 
 
+class ReferenceModule(nn.Module):
+    """forward(batch) -> (M,) summed completion log-probs of `model` (LD-DPO weighted when ld_alpha): the unit that
+    FSDP2 shards for a live reference, so that calling it gathers the weights."""
+
+    def __init__(self, model: nn.Module, ld_alpha=None):
+        super().__init__()
+        self.model = model
+        self.ld_alpha = ld_alpha
+
+    def forward(self, batch: dict) -> torch.Tensor:
+        return modeling.sequence_logps(self.model, batch, ld_alpha=self.ld_alpha)
+
+
 @torch.no_grad()
-def compute_logps(model, examples, *, batch_size: int, pad_id: int, device, autocast, ld_alpha=None) -> torch.Tensor:
-    """(len(examples), 2) float32 reference log-probs of (chosen, rejected), in example order."""
+def compute_logps(scorer, examples, *, batch_size: int, pad_id: int, device, autocast, dist: Dist,
+                  collective: bool = False) -> torch.Tensor:
+    """(len(examples), 2) float32 reference log-probs of (chosen, rejected), in example order, on every rank.
+
+    Each rank scores its share (every world-th example) and the shares are summed across ranks (each row is
+    non-zero on one rank only, so the sum is exact). `collective`: the scorer's forward is a collective (FSDP2),
+    so every rank runs as many forwards as rank 0, the ranks with fewer examples repeating one and dropping it."""
     out = torch.zeros(len(examples), 2, dtype=torch.float32)
-    was_training = model.training
-    model.eval()
-    for idx in eval_batches(len(examples), batch_size, 0, 1):
-        batch = collate([examples[i] for i in idx], pad_id)
+    batches = eval_batches(len(examples), batch_size, dist.rank, dist.world)
+    if collective:
+        spare = batches[0] if batches else [0]
+        batches += [None] * (len(eval_batches(len(examples), batch_size, 0, dist.world)) - len(batches))
+    was_training = scorer.training
+    scorer.eval()
+    for idx in batches:
+        batch = collate([examples[i] for i in (spare if idx is None else idx)], pad_id)
         batch = {k: v.to(device) for k, v in batch.items()}
         with autocast():
-            logps = modeling.sequence_logps(model, batch, ld_alpha=ld_alpha).float().cpu()
-        chosen, rejected = logps.chunk(2)
-        out[idx, 0], out[idx, 1] = chosen, rejected
-    model.train(was_training)
-    return out
+            logps = scorer(batch).float().cpu()
+        if idx is not None:
+            chosen, rejected = logps.chunk(2)
+            out[idx, 0], out[idx, 1] = chosen, rejected
+    scorer.train(was_training)
+    return dist.sum(out).float().cpu()
 
 
 def _atomic_save(obj, path: Path) -> None:
@@ -96,7 +123,7 @@ def _atomic_save(obj, path: Path) -> None:
         raise
 
 
-def _autocast_dtype(autocast, device) -> torch.dtype | None:
+def autocast_dtype(autocast, device) -> torch.dtype | None:
     """The dtype `autocast()` (a context factory) runs matmuls in on `device`, None without autocast."""
     device_type = torch.device(device).type
     with autocast():
@@ -121,25 +148,27 @@ def _read_cache(path: Path, key: str, splits: Splits) -> dict | None:
     return logps
 
 
-def precomputed(model, splits: Splits, tokenizer, *, cache_dir, batch_size, device, autocast, ld_alpha, dist):
-    """{"train": (N, 2), "eval": (M, 2)} reference log-probs, from the cache or computed (by rank 0) and cached.
+def precomputed(key: str, make_scorer, splits: Splits, tokenizer, *, cache_dir, batch_size, device, autocast,
+                dist: Dist, collective: bool):
+    """{"train": (N, 2), "eval": (M, 2)} reference log-probs, from the cache or computed by every rank on its share
+    (`make_scorer()` builds the scoring module, only on a miss) and written by rank 0. Rank 0 decides hit or miss
+    and reads the file (a damaged one is named and recomputed), so the other ranks need not see the cache directory.
 
     Returns (logps, hit: bool, path)."""
-    key = cache_key(model, splits, tokenizer, ld_alpha, _autocast_dtype(autocast, device))
     path = Path(cache_dir or default_cache_dir()) / f"{key}.pt"
-    logps = _read_cache(path, key, splits) if dist.rank == 0 else None
-    hit = logps is not None
-    if not hit and dist.rank == 0:
-        log.info("precomputing reference log-probs for %d + %d examples", len(splits.train), len(splits.eval))
+    cached = _read_cache(path, key, splits) if dist.main else None
+    hit = dist.broadcast_object(cached is not None if dist.main else None)
+    if hit:
+        logps = dist.from_main(lambda: cached)
+    else:
+        log.info("precomputing reference log-probs for %d + %d examples over %d process(es)",
+                 len(splits.train), len(splits.eval), dist.world)
+        scorer = make_scorer()
         logps = {
-            name: compute_logps(model, examples, batch_size=batch_size, pad_id=tokenizer.pad_token_id,
-                                device=device, autocast=autocast, ld_alpha=ld_alpha)
+            name: compute_logps(scorer, examples, batch_size=batch_size, pad_id=tokenizer.pad_token_id, device=device,
+                                autocast=autocast, dist=dist, collective=collective)
             for name, examples in (("train", splits.train), ("eval", splits.eval))
         }
-        _atomic_save({"key": key, "logps": logps}, path)
-    dist.barrier()
-    if logps is None:  # the other ranks read what rank 0 found or wrote
-        logps = _read_cache(path, key, splits)
-        if logps is None:
-            raise RuntimeError(f"reference cache {path}: rank 0 wrote it, rank {dist.rank} cannot read it")
+        del scorer
+        dist.from_main(lambda: _atomic_save({"key": key, "logps": logps}, path))
     return logps, hit, path

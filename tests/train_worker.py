@@ -1,0 +1,82 @@
+"""One process of a `fastpref train` torchrun job in tests/test_train_distributed.py, with probes it writes to
+OUTPUT_DIR/probes_rank<r>.json for the test to read:
+
+    python -m torch.distributed.run --standalone --nproc_per_node 2 tests/train_worker.py dpo --model ... --output_dir OUT
+
+- "save" / "load": host memory of each checkpoint save and load, in MB: the RSS before the call and the rise of the
+  RSS high-water mark over it during the call (Linux: /proc/self/status, the peak reset by /proc/self/clear_refs).
+- "startup": the RSS when the Trainer starts and its high-water mark once it is built (model loaded and placed).
+- "forward": the dtype of a decoder layer's weight and of the reference log-probs as the policy's forward sees them,
+  and the type of the live reference's head weight after its forward (DTensor: resharded; Tensor: still gathered).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from fastpref.train import checkpoint, loop
+from fastpref.train.config import parse_config
+from fastpref.train.distributed import init
+
+PROBES: dict = {"save": [], "load": [], "forward": {}}
+
+
+def _status_mb(field: str) -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+    raise KeyError(field)
+
+
+def _reset_peak() -> None:
+    Path("/proc/self/clear_refs").write_text("5")
+
+
+def _measured(name: str, fn):
+    def wrapper(*args, **kwargs):
+        _reset_peak()
+        before = _status_mb("VmRSS")
+        out = fn(*args, **kwargs)
+        PROBES[name].append({"rss_mb": round(before, 1), "peak_rise_mb": round(_status_mb("VmHWM") - before, 1)})
+        return out
+
+    return wrapper
+
+
+def _trainer_init(original):
+    def wrapper(self, config):
+        _reset_peak()
+        before = _status_mb("VmRSS")
+        original(self, config)
+        PROBES["startup"] = {"rss_mb": round(before, 1), "peak_mb": round(_status_mb("VmHWM"), 1)}
+        layer = loop.distributed._decoder_layers(self.module)[0]
+        linear = next(m for m in layer.modules() if hasattr(m, "weight") and m.weight is not None and m.weight.dim() == 2)
+        linear.register_forward_pre_hook(lambda m, a: PROBES["forward"].update(weight=str(m.weight.dtype)))
+
+        def batch_dtypes(module, args):
+            if "ref_chosen" in args[0]:
+                PROBES["forward"]["ref_chosen"] = str(args[0]["ref_chosen"].dtype)
+
+        self.module.register_forward_pre_hook(batch_dtypes)
+        if self.ref_model is not None:  # runs after FSDP2's own post-forward hook, registered before it
+            head = self.ref_model.model.get_output_embeddings()
+            self.ref_model.register_forward_hook(lambda m, a, out: PROBES["forward"].update(
+                reference_head_after_forward=type(head.weight).__name__))
+
+    return wrapper
+
+
+def main(argv: list[str]) -> None:
+    checkpoint.save = _measured("save", checkpoint.save)
+    checkpoint.load = _measured("load", checkpoint.load)
+    loop.Trainer.__init__ = _trainer_init(loop.Trainer.__init__)
+    config = parse_config(argv[0], argv[1:])
+    dist = init()
+    loop.train(config)
+    Path(config.output_dir, f"probes_rank{dist.rank}.json").write_text(json.dumps(PROBES, indent=1))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
