@@ -46,10 +46,10 @@ def _measured(name: str, fn):
 
 
 def _trainer_init(original):
-    def wrapper(self, config):
+    def wrapper(self, config, *args):
         _reset_peak()
         before = _status_mb("VmRSS")
-        original(self, config)
+        original(self, config, *args)
         PROBES["startup"] = {"rss_mb": round(before, 1), "peak_mb": round(_status_mb("VmHWM"), 1)}
         layer = loop.distributed._decoder_layers(self.module)[0]
         linear = next(m for m in layer.modules() if hasattr(m, "weight") and m.weight is not None and m.weight.dim() == 2)

@@ -640,9 +640,8 @@ def _validate_dpo(config: DPOConfig) -> None:
 # (the position in the data is a function of the step, the seed and the global batch).
 FIXED_ON_RESUME = (
     "model_name_or_path", "tokenizer_name_or_path", "dataset_name", "dataset_train_split", "dataset_test_split",
-    "eval_fraction", "max_length", "max_prompt_length", "max_train_samples", "per_device_train_batch_size",
-    "gradient_accumulation_steps", "seed", "completion_only_loss", "loss", "sft_warmup_steps",
-    "sft_warmup_learning_rate",
+    "eval_fraction", "max_length", "max_prompt_length", "max_train_samples", "seed", "completion_only_loss", "loss",
+    "sft_warmup_steps", "sft_warmup_learning_rate",
 )
 # What changes the objective from the resumed step on: applied, with a warning.
 OBJECTIVE_OPTIONS = (
@@ -652,12 +651,28 @@ OBJECTIVE_OPTIONS = (
 )
 
 
-def resume_changes(saved: dict, config: TrainConfig) -> dict[str, tuple]:
+def _global_batch(options: dict, world: int) -> int:
+    return options["per_device_train_batch_size"] * options["gradient_accumulation_steps"] * world
+
+
+def resume_changes(saved: dict, config: TrainConfig, worlds: tuple[int, int] = (1, 1)) -> dict[str, tuple]:
     """The options of `config` that differ from a checkpoint's `saved` ones: {name: (saved, now)}.
-    ValueError naming them when the task or an option of FIXED_ON_RESUME changed."""
+    ValueError naming them when the task, an option of FIXED_ON_RESUME or the global batch changed;
+    worlds = (the checkpoint's number of processes, this run's): the per-process batch and the accumulation
+    may change with it as long as the global batch, which fixes the data order, stays."""
     current = dataclasses.asdict(config)
     if saved.get("task", config.task) != config.task:
         raise ValueError(f"--resume: the checkpoint is a `fastpref train {saved['task']}` run, not {config.task}")
+    batch_options = ("per_device_train_batch_size", "gradient_accumulation_steps")
+    if all(name in saved for name in batch_options):
+        before, now = _global_batch(saved, worlds[0]), _global_batch(current, worlds[1])
+        if before != now:
+            raise ValueError(
+                f"--resume: the global batch (per_device_train_batch_size x gradient_accumulation_steps x processes) "
+                f"fixes the data order and must stay {before} "
+                f"({saved['per_device_train_batch_size']} x {saved['gradient_accumulation_steps']} x {worlds[0]}), got "
+                f"{now} ({config.per_device_train_batch_size} x {config.gradient_accumulation_steps} x {worlds[1]})"
+            )
     changed = {name: (saved[name], value) for name, value in current.items()
                if name in saved and saved[name] != value and name != "resume_from_checkpoint"}
     fixed = {name: change for name, change in changed.items() if name in FIXED_ON_RESUME}

@@ -544,9 +544,15 @@ class Trainer:
 
     def _save_final(self) -> None:
         """The model + config + tokenizer into output_dir, for from_pretrained (hard links to a checkpoint this run
-        wrote of the same step)."""
-        same = self.run_dir / f"checkpoint-{self.global_step}" if self.saved_step == self.global_step else None
-        checkpoint.export(self.run_dir, self.model, self.tokenizer, self.dist, same)
+        wrote of the same step); under LoRA the adapter, for peft's from_pretrained."""
+        if self.config.use_peft:  # the adapter (peft's save_pretrained, as TRL); LoRA runs are never sharded
+            if self.dist.main:
+                self.model.save_pretrained(self.run_dir)
+                self.tokenizer.save_pretrained(self.run_dir)
+            self.dist.barrier()
+        else:
+            same = self.run_dir / f"checkpoint-{self.global_step}" if self.saved_step == self.global_step else None
+            checkpoint.export(self.run_dir, self.model, self.tokenizer, self.dist, same)
         log.info("model saved to %s", self.run_dir)
 
 

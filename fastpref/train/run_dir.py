@@ -68,7 +68,7 @@ def claim(config: TrainConfig, dist: Dist) -> RunDir:
     error, run = None, RunDir(path)
     if dist.main:
         try:
-            run = _claim(config, path)
+            run = _claim(config, path, dist.world)
         except (ValueError, FileNotFoundError) as e:
             error = e
     if dist.any(error is not None):
@@ -76,7 +76,7 @@ def claim(config: TrainConfig, dist: Dist) -> RunDir:
     return run
 
 
-def _claim(config: TrainConfig, path: Path) -> RunDir:
+def _claim(config: TrainConfig, path: Path, world: int) -> RunDir:
     lock = _lock(path)
     try:
         _clean_interrupted_saves(path)
@@ -88,7 +88,7 @@ def _claim(config: TrainConfig, path: Path) -> RunDir:
                 saved = json.loads((resume_from / "trainer_state.json").read_text())
             except (OSError, ValueError) as e:
                 raise ValueError(f"--resume {resume_from}: its trainer_state.json cannot be read ({e})") from None
-            _check_resume(saved, config, resume_from)
+            _check_resume(saved, config, resume_from, world)
         # a checkpoint inside the directory continues its run, also one written before runs had an id
         inside = resume_from is not None and resume_from.resolve().parent == path.resolve()
         run_id = saved.get("run_id") or (inside and (owner or {}).get("run_id")) or uuid.uuid4().hex[:12]
@@ -190,13 +190,14 @@ def _clean_interrupted_saves(path: Path) -> None:
         log.info("removed %s, left by an interrupted save", entry.name)
 
 
-def _check_resume(saved: dict, config: TrainConfig, resume_from: Path) -> None:
+def _check_resume(saved: dict, config: TrainConfig, resume_from: Path, world: int) -> None:
     """Refuse options that cannot change within a run; log the ones that change and are applied."""
     settings = saved.get("settings")
     if settings is None:
         log.warning("%s records no options (an older checkpoint): changed options cannot be checked", resume_from)
         return
-    changed = resume_changes({**settings, "task": saved.get("task", settings.get("task"))}, config)
+    changed = resume_changes({**settings, "task": saved.get("task", settings.get("task"))}, config,
+                             (saved.get("world_size", 1), world))
     for name, (old, new) in changed.items():
         note = " (the objective changes from here on)" if name in OBJECTIVE_OPTIONS else ""
         log.warning("--resume: --%s %r -> %r, applied%s", name, old, new, note)
