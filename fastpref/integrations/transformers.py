@@ -2,7 +2,7 @@
 `get_output_embeddings()` gives the head, and fastpref turns them into log-probs and the DPO
 family of losses without materialising the (tokens × vocab) logits.
 
-The head boundary is `fastpref.train.modeling`'s (decoder lookup, head weight and bias, Gemma-2's
+The head boundary is `fastpref.model_head`'s (decoder lookup, head weight and bias, Gemma-2's
 `final_logit_softcapping` as `softcap`, Cohere / Granite logit scales as a temperature), so the
 training loop and these functions agree on every family (tested: Llama, Qwen2, Gemma-2, GPT-2).
 
@@ -16,7 +16,7 @@ import torch
 
 import fastpref
 from fastpref._checks import check_choice, check_shape, check_tensor
-from fastpref.train.modeling import head_of, hidden_states
+from fastpref.model_head import head_of, hidden_states
 
 
 def _head_inputs(model, input_ids, attention_mask, labels):
