@@ -32,8 +32,9 @@ from fastpref.params import HeadParams
 
 
 class TokenStats(NamedTuple):
-    """Per-token statistics of the (softcapped, tempered) distribution, not differentiated; TRL's
-    names. Each has the labels' shape; 0 / False at ignored positions."""
+    """Per-token statistics of the (scaled, softcapped, tempered) distribution; TRL's names. Each has
+    the labels' shape; 0 / False at ignored positions. Only `entropy` carries a gradient
+    (∂H/∂z = −p ⊙ (log p + H), for entropy bonuses); the others are detached."""
 
     entropy: torch.Tensor
     is_top1: torch.Tensor  # bool: the target is the argmax
@@ -41,14 +42,16 @@ class TokenStats(NamedTuple):
     log_sum_sq_probs: torch.Tensor  # log Σ_v p_v² (WPO weighting)
 
 
-def head_params(ignore_index, temperature, softcap, tile_bytes=None) -> HeadParams:
+def head_params(ignore_index, temperature, softcap, logit_scale=1.0) -> HeadParams:
     """Check the scalar head options and bundle them."""
     if not isinstance(ignore_index, int) or isinstance(ignore_index, bool):
         raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
     check_positive("temperature", temperature)
     if softcap is not None:
         check_positive("softcap", softcap)
-    return HeadParams(int(ignore_index), float(temperature), None if softcap is None else float(softcap), tile_bytes)
+    check_positive("logit_scale", logit_scale)
+    softcap = None if softcap is None else float(softcap)
+    return HeadParams(int(ignore_index), float(temperature), softcap, None, float(logit_scale))
 
 
 def check_labels(labels: torch.Tensor, shape, vocab_size: int, ignore_index: int, what: str) -> None:
@@ -66,23 +69,32 @@ def check_labels(labels: torch.Tensor, shape, vocab_size: int, ignore_index: int
 
 
 def _stats(stats: torch.Tensor) -> TokenStats:
-    return TokenStats(stats[0], stats[1].bool(), stats[2], stats[3])
+    return TokenStats(stats[0], stats[1].bool(), stats[2].detach(), stats[3].detach())
 
 
 def token_logps(
-    logits, labels, *, ignore_index=-100, temperature=1.0, softcap=None, return_stats=False, inplace_backward=False
+    logits,
+    labels,
+    *,
+    ignore_index=-100,
+    temperature=1.0,
+    softcap=None,
+    logit_scale=1.0,
+    return_stats=False,
+    inplace_backward=False,
 ):
     """log p(label) per position, never holding an fp32 copy of the logits.
 
     logits (..., V) float, labels (...) int -> (...) float32; with return_stats=True,
-    (logps, TokenStats) from the same pass. inplace_backward=True writes the gradient into the
+    (logps, TokenStats) from the same pass. The logits become z = softcap·tanh(logit_scale·raw/softcap)
+    / temperature (logit_scale: a family's multiplier applied before the softcap, e.g. Cohere's). inplace_backward=True writes the gradient into the
     logits' own storage (no memory beyond lse): only when nothing else reads those logits later.
     """
     check_tensor("logits", logits, floating=True)
     if logits.dim() < 1 or logits.shape[-1] == 0:
         raise ValueError(f"logits must have a non-empty last (vocab) dim, got shape {tuple(logits.shape)}")
     check_same_device(logits=logits, labels=labels)
-    params = head_params(ignore_index, temperature, softcap)
+    params = head_params(ignore_index, temperature, softcap, logit_scale)
     check_labels(labels, logits.shape[:-1], logits.shape[-1], params.ignore_index, "logits.shape[:-1]")
     if not isinstance(inplace_backward, bool):
         raise TypeError(f"inplace_backward must be a bool, got {type(inplace_backward).__name__}")
@@ -92,7 +104,7 @@ def token_logps(
     return (logps, _stats(stats)) if return_stats else logps
 
 
-def _check_linear(hidden, weight, labels, bias, ignore_index, temperature, softcap) -> HeadParams:
+def _check_linear(hidden, weight, labels, bias, ignore_index, temperature, softcap, logit_scale) -> HeadParams:
     check_tensor("hidden", hidden, floating=True)
     check_tensor("weight", weight, floating=True)
     if weight.dim() != 2:
@@ -109,20 +121,30 @@ def _check_linear(hidden, weight, labels, bias, ignore_index, temperature, softc
         if bias.dtype != hidden.dtype:
             raise TypeError(f"bias must have hidden's dtype {hidden.dtype}, got {bias.dtype}")
     check_same_device(hidden=hidden, weight=weight, labels=labels, bias=bias)
-    params = head_params(ignore_index, temperature, softcap)
+    params = head_params(ignore_index, temperature, softcap, logit_scale)
     check_labels(labels, hidden.shape[:-1], weight.shape[0], params.ignore_index, "hidden.shape[:-1]")
     return params
 
 
 def linear_token_logps(
-    hidden, weight, labels, *, bias=None, ignore_index=-100, temperature=1.0, softcap=None, return_stats=False
+    hidden,
+    weight,
+    labels,
+    *,
+    bias=None,
+    ignore_index=-100,
+    temperature=1.0,
+    softcap=None,
+    logit_scale=1.0,
+    return_stats=False,
 ):
     """log p(label) per position from hidden states and the lm_head, without a (N, V) tensor.
 
     hidden (..., H), weight (V, H), labels (...), bias (V,) or None -> (...) float32 (with
     return_stats=True, (logps, TokenStats)). Gradients flow to hidden, weight and bias.
+    Head options as in `token_logps`.
     """
-    params = _check_linear(hidden, weight, labels, bias, ignore_index, temperature, softcap)
+    params = _check_linear(hidden, weight, labels, bias, ignore_index, temperature, softcap, logit_scale)
     logps, _lse, stats = linear_token_logps_op(hidden, weight, bias, labels, *dataclasses.astuple(params), return_stats)
     return (logps, _stats(stats)) if return_stats else logps
 
@@ -146,9 +168,11 @@ def masked_sum(values, mask):
 
 
 def masked_mean(values, mask):
-    """masked_sum / Σ mask over the last dim, 0 where the mask is empty: (B, T), (B, T) -> (B,)."""
+    """masked_sum / Σ mask over the last dim (a weighted mean for float weights), 0 where Σ mask is 0:
+    (B, T), (B, T) -> (B,)."""
     total = masked_sum(values, mask)
-    return total / mask.to(total.dtype).sum(-1).clamp(min=1)
+    count = mask.to(total.dtype).sum(-1)
+    return total / torch.where(count == 0, 1.0, count)
 
 
 def _reduce(per_token, labels, ignore_index, reduction):
@@ -157,7 +181,15 @@ def _reduce(per_token, labels, ignore_index, reduction):
 
 
 def sequence_logps(
-    logits, labels, *, reduction="sum", ignore_index=-100, temperature=1.0, softcap=None, inplace_backward=False
+    logits,
+    labels,
+    *,
+    reduction="sum",
+    ignore_index=-100,
+    temperature=1.0,
+    softcap=None,
+    logit_scale=1.0,
+    inplace_backward=False,
 ):
     """Sum (or mean) of token log-probs per sequence: (B, T, V), (B, T) -> (B,) float32.
     inplace_backward as in `token_logps`."""
@@ -171,13 +203,23 @@ def sequence_logps(
         ignore_index=ignore_index,
         temperature=temperature,
         softcap=softcap,
+        logit_scale=logit_scale,
         inplace_backward=inplace_backward,
     )
     return _reduce(per_token, labels, ignore_index, reduction)
 
 
 def linear_sequence_logps(
-    hidden, weight, labels, *, reduction="sum", bias=None, ignore_index=-100, temperature=1.0, softcap=None
+    hidden,
+    weight,
+    labels,
+    *,
+    reduction="sum",
+    bias=None,
+    ignore_index=-100,
+    temperature=1.0,
+    softcap=None,
+    logit_scale=1.0,
 ):
     """Sum (or mean) of token log-probs per sequence from hidden states and the lm_head:
     (B, T, H), (V, H), (B, T) -> (B,) float32, without a (N, V) tensor."""
@@ -186,7 +228,14 @@ def linear_sequence_logps(
     if hidden.dim() != 3:
         raise ValueError(f"hidden must be (B, T, H), got shape {tuple(hidden.shape)}")
     per_token = linear_token_logps(
-        hidden, weight, labels, bias=bias, ignore_index=ignore_index, temperature=temperature, softcap=softcap
+        hidden,
+        weight,
+        labels,
+        bias=bias,
+        ignore_index=ignore_index,
+        temperature=temperature,
+        softcap=softcap,
+        logit_scale=logit_scale,
     )
     return _reduce(per_token, labels, ignore_index, reduction)
 
@@ -233,6 +282,7 @@ def linear_dpo_loss(
     ignore_index=-100,
     temperature=1.0,
     softcap=None,
+    logit_scale=1.0,
     loss_weights=None,
     label_smoothing=0.0,
     reference_free=False,
@@ -256,7 +306,7 @@ def linear_dpo_loss(
     check_tensor("hidden", hidden, floating=True)
     if hidden.dim() != 3:
         raise ValueError(f"hidden must be (M, T, H), got shape {tuple(hidden.shape)}")
-    head = _check_linear(hidden, weight, labels, bias, ignore_index, temperature, softcap)
+    head = _check_linear(hidden, weight, labels, bias, ignore_index, temperature, softcap, logit_scale)
     chosen_idx, rejected_idx = _pair_indices(pairs, hidden.shape[0], hidden.device)
     for name, ref in (("ref_chosen_logps", ref_chosen_logps), ("ref_rejected_logps", ref_rejected_logps)):
         if ref is not None:

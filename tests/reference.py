@@ -9,34 +9,35 @@ from __future__ import annotations
 import torch
 
 
-def transform_logits(logits, temperature=1.0, softcap=None):
-    """Final-logit softcap first (z <- c*tanh(z/c)), then temperature (z <- z/T): (..., V)."""
-    z = logits.double()
+def transform_logits(logits, temperature=1.0, softcap=None, logit_scale=1.0):
+    """The family's scale first (z <- s*z), then the final-logit softcap (z <- c*tanh(z/c)), then
+    temperature (z <- z/T): (..., V)."""
+    z = logits.double() * logit_scale
     if softcap is not None:
         z = softcap * torch.tanh(z / softcap)
     return z / temperature
 
 
-def token_logps(logits, labels, ignore_index=-100, temperature=1.0, softcap=None):
+def token_logps(logits, labels, ignore_index=-100, temperature=1.0, softcap=None, logit_scale=1.0):
     """log p(label) per position, 0 where label == ignore_index: (..., V), (...) -> (...) float64."""
-    logp = torch.log_softmax(transform_logits(logits, temperature, softcap), dim=-1)
+    logp = torch.log_softmax(transform_logits(logits, temperature, softcap, logit_scale), dim=-1)
     valid = labels != ignore_index
     safe = torch.where(valid, labels, 0)
     picked = logp.gather(-1, safe.unsqueeze(-1)).squeeze(-1)
     return torch.where(valid, picked, torch.zeros_like(picked))
 
 
-def token_stats(logits, labels, ignore_index=-100, temperature=1.0, softcap=None):
+def token_stats(logits, labels, ignore_index=-100, temperature=1.0, softcap=None, logit_scale=1.0):
     """Per-token statistics TRL logs, on the transformed logits; 0 / False at ignored positions.
 
     Returns dict of (...) tensors: entropy, is_top1, mean_logit, log_sum_sq_probs.
     """
-    z = transform_logits(logits, temperature, softcap)
+    z = transform_logits(logits, temperature, softcap, logit_scale)
     logp = torch.log_softmax(z, dim=-1)
     valid = labels != ignore_index
     safe = torch.where(valid, labels, 0)
     stats = {
-        "entropy": -(logp.exp() * logp).sum(-1),
+        "entropy": torch.special.entr(logp.exp()).sum(-1),  # −Σ p log p, 0·log 0 = 0
         "is_top1": z.argmax(-1) == safe,
         "mean_logit": z.mean(-1),
         "log_sum_sq_probs": torch.logsumexp(2 * logp, dim=-1),
@@ -56,9 +57,9 @@ def masked_sum(values, mask):
 
 
 def masked_mean(values, mask):
-    """Mean over the last dim where mask, 0 for an empty mask: (B, T) -> (B,)."""
+    """Σ values·mask / Σ mask over the last dim (mask: bool or float weights), 0 for an empty mask: (B, T) -> (B,)."""
     count = mask.double().sum(-1)
-    return masked_sum(values, mask) / count.clamp(min=1)
+    return masked_sum(values, mask) / torch.where(count == 0, 1.0, count)
 
 
 def sequence_logps(logits, labels, reduction="sum", ignore_index=-100, temperature=1.0, softcap=None):

@@ -16,6 +16,8 @@ HEADS = [
     {"temperature": 0.7},
     {"softcap": 5.0},
     {"softcap": 30.0, "temperature": 1.3},
+    {"logit_scale": 0.0625, "softcap": 5.0, "temperature": 0.8},  # a scale before the softcap (Cohere, Granite)
+    {"logit_scale": 1.25},
 ]
 
 
@@ -140,7 +142,7 @@ def test_token_stats(backend, head):
     assert_close(logps, ref.token_logps(logits, labels, **head), rtol=1e-5, atol=1e-6)
     for name in fastpref.TokenStats._fields:
         got = getattr(stats, name)
-        assert not got.requires_grad
+        assert got.requires_grad == (name == "entropy")  # only the entropy is differentiated
         if name == "is_top1":
             assert got.dtype == torch.bool and torch.equal(got, want[name]) and got[0, 0]
         else:
@@ -229,6 +231,9 @@ def test_masked_sum_and_mean():
     poisoned[~mask] = float("nan")
     assert torch.isfinite(fastpref.masked_sum(poisoned, mask)).all()
     assert fastpref.masked_mean(values, mask)[3] == 0
+    # float weights below 1 in all: a weighted mean, not a sum divided by max(Σw, 1)
+    twos = torch.full((1, 3), 2.0)
+    assert fastpref.masked_mean(twos, torch.tensor([[0.25, 0.25, 0.0]])).item() == 2.0
 
 
 def test_inplace_backward_writes_the_gradient_into_the_logits(backend):
@@ -242,3 +247,76 @@ def test_inplace_backward_writes_the_gradient_into_the_logits(backend):
     fastpref.sequence_logps(logits, labels, inplace_backward=True).backward(upstream)
     assert_close(leaf.grad, expected_logits.grad, rtol=1e-5, atol=1e-7, name="grad")
     assert_close(logits.detach(), expected_logits.grad, rtol=1e-5, atol=1e-7, name="logits' storage")
+
+
+ENTROPY_HEADS = [{}, {"softcap": 5.0, "temperature": 0.7}, {"logit_scale": 0.25, "softcap": 3.0, "temperature": 1.3}]
+
+
+@pytest.mark.parametrize("head", ENTROPY_HEADS)
+def test_entropy_carries_a_gradient(backend, head):
+    """An entropy bonus (GRPO's entropy_coef) differentiates H: ∂H/∂z = −p ⊙ (log p + H), alone and
+    together with the log-probs, under non-uniform upstream gradients."""
+    logits = logits_like((3, 5, 2053), torch.float32)
+    labels = make_labels((3, 5), 2053)
+    logps, stats = fastpref.token_logps(logits, labels, return_stats=True, **head)
+    want = ref.token_stats(logits, labels, **head)["entropy"]
+    want_logps = ref.token_logps(logits, labels, **head)
+    g_logps, g_entropy = torch.randn(3, 5), torch.randn(3, 5)
+    (got,) = torch.autograd.grad(stats.entropy, logits, g_entropy, retain_graph=True)
+    (expected,) = torch.autograd.grad(want, logits, g_entropy.double(), retain_graph=True)
+    assert_close(got, expected, rtol=1e-4, atol=1e-6, name="entropy alone")
+    (got,) = torch.autograd.grad((logps, stats.entropy), logits, (g_logps, g_entropy))
+    (expected,) = torch.autograd.grad((want_logps, want), logits, (g_logps.double(), g_entropy.double()))
+    assert_close(got, expected, rtol=1e-4, atol=1e-6, name="log-probs and entropy")
+
+
+@pytest.mark.parametrize("head", ENTROPY_HEADS)
+def test_linear_entropy_carries_a_gradient(tiles, head):
+    hidden, weight, bias, labels = linear_inputs(3, 5, 24, 2053, torch.float32)
+    logps, stats = fastpref.linear_token_logps(hidden, weight, labels, bias=bias, return_stats=True, **head)
+    logits = ref.linear_logits(hidden, weight, bias)
+    want, want_logps = ref.token_stats(logits, labels, **head)["entropy"], ref.token_logps(logits, labels, **head)
+    g_logps, g_entropy = torch.randn(3, 5), torch.randn(3, 5)
+    got = torch.autograd.grad((logps, stats.entropy), (hidden, weight, bias), (g_logps, g_entropy))
+    expected = torch.autograd.grad((want_logps, want), (hidden, weight, bias), (g_logps.double(), g_entropy.double()))
+    for name, g, e in zip(("hidden", "weight", "bias"), got, expected):
+        assert_close(g, e, rtol=1e-4, atol=1e-5, name=f"grad of {name}")
+
+
+def test_gradcheck_entropy_float64():
+    logits = logits_like((2, 3, 11), torch.float64)
+    labels = make_labels((2, 3), 11)
+
+    def entropy(z):
+        return fastpref.token_logps(z, labels, return_stats=True, softcap=4.0, logit_scale=0.5)[1].entropy
+
+    assert torch.autograd.gradcheck(entropy, (logits,))
+
+
+@pytest.mark.parametrize("masked_columns", [slice(0, 8192), slice(100, 9000), slice(8192, 16384)])
+def test_a_vocab_chunk_that_is_minus_inf_throughout(backend, masked_columns, monkeypatch):
+    """A constrained-decoding mask (−inf over whole vocab chunks) gives log_softmax's values: no NaN,
+    in values, statistics and gradients, on the logits and the linear paths and in linear_dpo_loss."""
+    vocab = 16500
+    logits = logits_like((2, 3, vocab), torch.float32)
+    mask = torch.zeros(vocab)
+    mask[masked_columns] = float("-inf")
+    allowed = (mask == 0).nonzero().squeeze(1)
+    labels = allowed[torch.randint(0, allowed.numel(), (2, 3))]  # targets among the allowed columns
+    masked = logits + mask
+    actual, stats = fastpref.token_logps(masked, labels, return_stats=True)
+    check_parity(actual, ref.token_logps(masked, labels), (logits,), torch.float32, "masked chunk")
+    want = ref.token_stats(masked, labels)
+    for name in ("entropy", "log_sum_sq_probs"):
+        assert_close(getattr(stats, name), want[name], rtol=1e-5, atol=1e-5, name=name)
+    hidden, weight, _, _ = linear_inputs(2, 3, 8, vocab, torch.float32, with_bias=False)
+    bias = mask.clone().requires_grad_()
+    linear = fastpref.linear_sequence_logps(hidden, weight, labels, bias=bias)
+    expected = ref.sequence_logps(ref.linear_logits(hidden, weight, bias), labels)
+    check_parity(linear, expected, (hidden, weight), torch.float32, "masked chunk, linear")
+    for budget in (1 << 30, 4096):  # the single pass, and the two-pass mode
+        out = fastpref.linear_dpo_loss(hidden, weight, labels, None, None, bias=bias.detach(), memory_budget=budget,
+                                       reference_free=True)  # fmt: skip
+        assert torch.isfinite(out.loss) and torch.isfinite(out.chosen_logps).all()
+        (grad,) = torch.autograd.grad(out.loss, hidden)
+        assert torch.isfinite(grad).all()

@@ -52,33 +52,51 @@ def valid_positions(labels: torch.Tensor, ignore_index: int) -> tuple[torch.Tens
 
 
 def _transform_(z: torch.Tensor, params: HeadParams) -> torch.Tensor:
-    """z <- softcap·tanh(z/softcap), then z <- z/temperature; in place on a tile."""
+    """z <- logit_scale·z, then softcap·tanh(z/softcap), then z/temperature; in place on a tile."""
     if params.softcap is not None:
-        z.div_(params.softcap).tanh_().mul_(params.softcap)
+        z.mul_(params.logit_scale / params.softcap).tanh_().mul_(params.softcap)
+    elif params.logit_scale != 1.0:
+        z.mul_(params.logit_scale)
     if params.temperature != 1.0:
         z.div_(params.temperature)
     return z
 
 
-def _softmax_grad_(z, y_local, lse, g, params: HeadParams) -> torch.Tensor:
-    """Turn a transformed tile z (r, c) in place into d(Σ g·logp)/d(raw logits).
+def _raw_slope(params: HeadParams) -> float:
+    """dz'/draw without a softcap: logit_scale / temperature."""
+    return params.logit_scale / params.temperature
+
+
+def _softmax_grad_(z, y_local, lse, g, params: HeadParams, entropy=None, g_entropy=None) -> torch.Tensor:
+    """Turn a transformed tile z (r, c) in place into d(Σ g·logp + Σ g_entropy·H)/d(raw logits).
 
     y_local (r,): target column within the tile (outside [0, c) when the target is elsewhere);
-    lse (2, r): the rows' (max, log Σ exp(z − max)).
+    lse (2, r): the rows' (max, log Σ exp(z − max)); entropy, g_entropy (r,) or None.
     """
     if params.softcap is not None:
-        # d z'/d raw = (1 − tanh²)/T, and tanh = z'·T/c is read back from the transformed tile.
+        # d z'/d raw = scale·(1 − tanh²)/T, and tanh = z'·T/c is read back from the transformed tile.
         tanh = z * (params.temperature / params.softcap)
-        slope = tanh.square_().neg_().add_(1.0).div_(params.temperature)
-    # dz' = g · (onehot(y) − softmax(z')), softmax = exp((z − max) − log_sum)
-    dz = z.sub_(lse[0][:, None]).sub_(lse[1][:, None]).exp_().mul_(-g[:, None])
+        slope = tanh.square_().neg_().add_(1.0).mul_(_raw_slope(params))
+    log_p = z.sub_(lse[0][:, None]).sub_(lse[1][:, None])
+    if g_entropy is None:
+        # dz' = g · (onehot(y) − p)
+        dz = log_p.exp_().mul_(-g[:, None])
+    else:
+        # dz' = g · (onehot(y) − p) − g_H · p ⊙ (log p + H)
+        p = log_p.exp()
+        dz = log_p.add_(entropy[:, None]).mul_(g_entropy[:, None]).add_(g[:, None]).mul_(p).neg_()
     hit = (y_local >= 0) & (y_local < z.shape[1])
     dz.scatter_add_(1, y_local.clamp(0, z.shape[1] - 1)[:, None], torch.where(hit, g, 0.0)[:, None])
     if params.softcap is not None:
         dz.mul_(slope)
-    elif params.temperature != 1.0:
-        dz.div_(params.temperature)
+    elif _raw_slope(params) != 1.0:
+        dz.mul_(_raw_slope(params))
     return dz
+
+
+def _share(log_part: torch.Tensor, log_total: torch.Tensor) -> torch.Tensor:
+    """exp(log_part − log_total): a part's share of a sum, 0 while the sum is still empty (−inf)."""
+    return torch.where(log_total > float("-inf"), torch.exp(log_part - log_total), 0.0)
 
 
 class _RowFold:
@@ -97,7 +115,9 @@ class _RowFold:
         """Fold a transformed tile z (r, c), consumed in place, whose targets sit at y_local (r,)."""
         hit = (y_local >= 0) & (y_local < z.shape[1])
         picked = z.gather(1, y_local.clamp(0, z.shape[1] - 1)[:, None]).squeeze(1)
-        chunk_max = z.amax(1)
+        # A chunk that is −inf throughout (a constrained-decoding mask) is empty: its max is clamped
+        # to the lowest finite value, so that every shift below stays finite and its sum is 0.
+        chunk_max = z.amax(1).clamp_(min=torch.finfo(z.dtype).min)
         if self.with_stats:
             chunk_z_sum = z.sum(1)
             columns = torch.arange(z.shape[1], device=z.device)
@@ -107,7 +127,9 @@ class _RowFold:
             chunk_log_sum2 = torch.logsumexp(2 * shifted, dim=1)  # log Σ exp(2(z − max))
             exp = shifted.exp()
             chunk_sum = exp.sum(1)
-            chunk_p_dot_z = exp.mul_(shifted).sum(1) / chunk_sum  # Σ softmax·(z − max) over the chunk
+            # Σ softmax·(z − max) over the chunk; −inf columns (p = 0) add nothing, an empty chunk 0
+            p_dot_z = torch.where(exp > 0, exp * shifted, 0.0).sum(1)
+            chunk_p_dot_z = torch.where(chunk_sum > 0, p_dot_z / chunk_sum, 0.0)
         else:
             chunk_sum = shifted.exp_().sum(1)
         chunk_log_sum = chunk_sum.log()
@@ -124,9 +146,9 @@ class _RowFold:
         old, chunk = self.log_sum + old_shift, chunk_log_sum + chunk_shift
         new_log_sum = torch.logaddexp(old, chunk)
         if self.with_stats:
-            self.p_dot_z = torch.exp(old - new_log_sum) * (self.p_dot_z + old_shift) + torch.exp(
-                chunk - new_log_sum
-            ) * (chunk_p_dot_z + chunk_shift)
+            self.p_dot_z = _share(old, new_log_sum) * (self.p_dot_z + old_shift) + _share(chunk, new_log_sum) * (
+                chunk_p_dot_z + chunk_shift
+            )
             self.log_sum2 = torch.logaddexp(self.log_sum2 + 2 * old_shift, chunk_log_sum2 + 2 * chunk_shift)
             self.z_sum = self.z_sum + chunk_z_sum
             self.max_before = torch.maximum(self.max_before, chunk_max_before)
@@ -195,13 +217,23 @@ def logits_forward(logits, labels, params: HeadParams, with_stats: bool):
     return scatter_outputs(labels, pos, *_fold_forward(tile, y, logits.shape[-1], like, params, with_stats))
 
 
-def logits_backward(logits, labels, lse, grad_logps, params: HeadParams, in_place: bool = False) -> torch.Tensor:
-    """Gradient of Σ grad_logps·logps w.r.t. logits: (..., V) in the logits' dtype, zero rows at
-    ignored positions; written into the logits' own storage when in_place."""
+def _entropy_terms(pos, entropy, grad_entropy, cdt):
+    """The compact (n,) entropy and its upstream gradient, or (None, None) when H is not differentiated."""
+    if grad_entropy is None:
+        return None, None
+    return entropy[pos].to(cdt), grad_entropy[pos].to(cdt)
+
+
+def logits_backward(
+    logits, labels, lse, grad_logps, params: HeadParams, in_place: bool = False, entropy=None, grad_entropy=None
+) -> torch.Tensor:
+    """Gradient of Σ grad_logps·logps (+ Σ grad_entropy·entropy when given) w.r.t. logits: (..., V) in
+    the logits' dtype, zero rows at ignored positions; written into the logits' own storage when in_place."""
     pos = valid_positions(labels, params.ignore_index)
     y, lse, g = labels[pos], lse[(slice(None), *pos)], grad_logps[pos]
     cdt = compute_dtype(logits.dtype)
     g = g.to(cdt)
+    ent, g_ent = _entropy_terms(pos, entropy, grad_entropy, cdt)
     if in_place:
         grad = logits
         grad[labels == params.ignore_index] = 0
@@ -213,9 +245,8 @@ def logits_backward(logits, labels, lse, grad_logps, params: HeadParams, in_plac
         rows = tuple(p[r0:r1] for p in pos)
         for c0, c1 in spans(n_cols, cols):
             z = _transform_(logits[(*rows, slice(c0, c1))].to(cdt), params)
-            grad[(*rows, slice(c0, c1))] = _softmax_grad_(z, y[r0:r1] - c0, lse[:, r0:r1], g[r0:r1], params).to(
-                logits.dtype
-            )
+            dz = _softmax_grad_(z, y[r0:r1] - c0, lse[:, r0:r1], g[r0:r1], params, *_rows(ent, g_ent, r0, r1))
+            grad[(*rows, slice(c0, c1))] = dz.to(logits.dtype)
     return grad
 
 
@@ -254,8 +285,16 @@ def linear_forward(hidden, weight, bias, labels, params: HeadParams, with_stats:
     return scatter_outputs(labels, pos, *_fold_forward(tile, y, weight.shape[0], like, params, with_stats))
 
 
-def linear_backward(hidden, weight, bias, labels, lse, grad_logps, params: HeadParams, needs):
-    """Gradients of Σ grad_logps·logps w.r.t. (hidden, weight, bias); None where needs[i] is False.
+def _rows(entropy, grad_entropy, r0, r1):
+    """Rows r0:r1 of the entropy terms (both None when H is not differentiated)."""
+    return (None, None) if grad_entropy is None else (entropy[r0:r1], grad_entropy[r0:r1])
+
+
+def linear_backward(
+    hidden, weight, bias, labels, lse, grad_logps, params: HeadParams, needs, entropy=None, grad_entropy=None
+):
+    """Gradients of Σ grad_logps·logps (+ Σ grad_entropy·entropy when given) w.r.t. (hidden, weight,
+    bias); None where needs[i] is False.
 
     Vocab chunks outermost, so one chunk's dW is accumulated in fp32 and written once.
     """
@@ -264,6 +303,7 @@ def linear_backward(hidden, weight, bias, labels, lse, grad_logps, params: HeadP
     y, h, lse = labels[pos], hidden[pos], lse[(slice(None), *pos)]
     cdt, dt = compute_dtype(hidden.dtype), hidden.dtype
     g = grad_logps[pos].to(cdt)
+    ent, g_ent = _entropy_terms(pos, entropy, grad_entropy, cdt)
     n, (n_vocab, n_hidden) = y.numel(), weight.shape
     cols = min(n_vocab, VOCAB_CHUNK)
     rows = rows_per_tile(cols, dt, params)
@@ -275,7 +315,7 @@ def linear_backward(hidden, weight, bias, labels, lse, grad_logps, params: HeadP
         dw_acc = (dw[c0:c1] if dw.dtype == cdt else h.new_zeros(c1 - c0, n_hidden, dtype=cdt)) if need_w else None
         for r0, r1 in spans(n, rows):
             z = _transform_(_linear_tile(h[r0:r1], weight, bias, c0, c1, cdt), params)
-            dz = _softmax_grad_(z, y[r0:r1] - c0, lse[:, r0:r1], g[r0:r1], params)
+            dz = _softmax_grad_(z, y[r0:r1] - c0, lse[:, r0:r1], g[r0:r1], params, *_rows(ent, g_ent, r0, r1))
             if need_h:
                 accumulate_matmul_(dh_acc[r0:r1], dz.to(dt), weight[c0:c1])  # dh = dz · W
             if need_w:

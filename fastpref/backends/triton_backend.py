@@ -28,8 +28,13 @@ def logits_forward(logits, labels, params: HeadParams, with_stats: bool):
     return _backend(logits).logits_forward(logits, labels, params, with_stats)
 
 
-def logits_backward(logits, labels, lse, grad_logps, params: HeadParams, in_place: bool = False):
-    return _backend(logits).logits_backward(logits, labels, lse, grad_logps, params, in_place)
+def logits_backward(logits, labels, lse, grad_logps, params: HeadParams, in_place=False, entropy=None, grad_entropy=None):
+    return _backend(logits).logits_backward(logits, labels, lse, grad_logps, params, in_place, **_entropy(entropy, grad_entropy))
+
+
+def _entropy(entropy, grad_entropy) -> dict:
+    """The entropy keyword arguments of a backward, passed only when the entropy is differentiated."""
+    return {} if grad_entropy is None else {"entropy": entropy, "grad_entropy": grad_entropy}
 
 
 def _rows_per_chunk(n_vocab: int, dtype: torch.dtype, params: HeadParams) -> int:
@@ -70,19 +75,25 @@ def _carry_(dz, h_rows, weight, dw_acc, db_acc):
     return dz @ weight
 
 
-def linear_backward(hidden, weight, bias, labels, lse, grad_logps, params: HeadParams, needs):
-    """Gradients of Σ grad_logps·logps w.r.t. (hidden, weight, bias); None where needs[i] is False."""
+def linear_backward(hidden, weight, bias, labels, lse, grad_logps, params: HeadParams, needs, entropy=None, grad_entropy=None):
+    """Gradients of Σ grad_logps·logps (+ Σ grad_entropy·entropy when given) w.r.t. (hidden, weight,
+    bias); None where needs[i] is False."""
     if hidden.dtype == torch.float64:
-        return torch_chunked.linear_backward(hidden, weight, bias, labels, lse, grad_logps, params, needs)
+        return torch_chunked.linear_backward(
+            hidden, weight, bias, labels, lse, grad_logps, params, needs, entropy, grad_entropy
+        )
     need_h, need_w, need_b = needs
     pos = valid_positions(labels, params.ignore_index)
     y, h, lse, g = labels[pos], hidden[pos], lse[(slice(None), *pos)], grad_logps[pos]
+    if grad_entropy is not None:
+        entropy, grad_entropy = entropy[pos], grad_entropy[pos].float()
     dh = torch.zeros_like(hidden) if need_h else None
     dw_acc = torch.zeros_like(weight, dtype=torch.float32) if need_w else None
     db_acc = torch.zeros_like(bias, dtype=torch.float32) if need_b else None
     for r0, r1 in spans(y.numel(), _rows_per_chunk(weight.shape[0], hidden.dtype, params)):
         z = _logits(h[r0:r1], weight, bias)
-        dz = kernels.logits_backward(z, y[r0:r1], lse[:, r0:r1].contiguous(), g[r0:r1], params, in_place=True)
+        ent = {} if grad_entropy is None else _entropy(entropy[r0:r1], grad_entropy[r0:r1])
+        dz = kernels.logits_backward(z, y[r0:r1], lse[:, r0:r1].contiguous(), g[r0:r1], params, in_place=True, **ent)
         dh_rows = _carry_(dz, h[r0:r1], weight, dw_acc, db_acc)
         if need_h:
             dh[tuple(p[r0:r1] for p in pos)] = dh_rows

@@ -173,9 +173,7 @@ class LinearDPO(torch.autograd.Function):
 
 def two_pass_dpo(hidden, weight, bias, labels, ref_c, ref_r, chosen_idx, rejected_idx, params: DPOParams):
     """The same loss in two passes: token log-probs with a recomputing backward, then the loss."""
-    head = HeadParams(
-        params.head.ignore_index, params.head.temperature, params.head.softcap, params.memory_budget // 4
-    )
+    head = dataclasses.replace(params.head, tile_bytes=params.memory_budget // 4)
     tok, _lse, stats = linear_token_logps_op(hidden, weight, bias, labels, *dataclasses.astuple(head), params.use_weighting)
     lss_c = lss_r = None
     if params.use_weighting:

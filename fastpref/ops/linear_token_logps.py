@@ -7,6 +7,7 @@ import torch
 from torch import Tensor
 
 from fastpref.backends import backend_for
+from fastpref.ops.token_logps import entropy_grad_terms
 from fastpref.params import HeadParams
 
 
@@ -20,16 +21,17 @@ def linear_token_logps_op(
     temperature: float,
     softcap: Optional[float],
     tile_bytes: Optional[int],
+    logit_scale: float,
     with_stats: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(..., H), (V, H), (V,) or None, (...) -> logps (...), lse (2, ...), stats (4, ...) or (0,)."""
-    params = HeadParams(ignore_index, temperature, softcap, tile_bytes)
+    params = HeadParams(ignore_index, temperature, softcap, tile_bytes, logit_scale)
     logps, lse, stats = backend_for(hidden).linear_forward(hidden, weight, bias, labels, params, with_stats)
     return logps, lse, logps.new_empty(0) if stats is None else stats
 
 
 @linear_token_logps_op.register_fake
-def _(hidden, weight, bias, labels, ignore_index, temperature, softcap, tile_bytes, with_stats):
+def _(hidden, weight, bias, labels, ignore_index, temperature, softcap, tile_bytes, logit_scale, with_stats):
     dtype = torch.promote_types(hidden.dtype, torch.float32)
     stats_shape = (4, *labels.shape) if with_stats else (0,)
     return (
@@ -47,40 +49,49 @@ def linear_token_logps_backward_op(
     labels: Tensor,
     lse: Tensor,
     grad_logps: Tensor,
+    entropy: Optional[Tensor],
+    grad_entropy: Optional[Tensor],
     ignore_index: int,
     temperature: float,
     softcap: Optional[float],
     tile_bytes: Optional[int],
+    logit_scale: float,
     needs: list[bool],
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Gradients w.r.t. (hidden, weight, bias) of Σ grad_logps·logps; an empty tensor where
-    needs[i] is False."""
-    params = HeadParams(ignore_index, temperature, softcap, tile_bytes)
-    grads = backend_for(hidden).linear_backward(hidden, weight, bias, labels, lse, grad_logps, params, needs)
+    """Gradients w.r.t. (hidden, weight, bias) of Σ grad_logps·logps (+ Σ grad_entropy·entropy);
+    an empty tensor where needs[i] is False."""
+    params = HeadParams(ignore_index, temperature, softcap, tile_bytes, logit_scale)
+    grads = backend_for(hidden).linear_backward(
+        hidden, weight, bias, labels, lse, grad_logps, params, needs, entropy=entropy, grad_entropy=grad_entropy
+    )
     return tuple(hidden.new_empty(0) if g is None else g for g in grads)
 
 
 @linear_token_logps_backward_op.register_fake
-def _(hidden, weight, bias, labels, lse, grad_logps, ignore_index, temperature, softcap, tile_bytes, needs):
+def _(hidden, weight, bias, labels, lse, grad_logps, entropy, grad_entropy, *options_and_needs):
+    needs = options_and_needs[-1]
     like = (hidden, weight, bias)
     return tuple(torch.empty_like(t) if need else hidden.new_empty(0) for t, need in zip(like, needs))
 
 
 def _setup_context(ctx, inputs, output):
     hidden, weight, bias, labels, *options, _with_stats = inputs
-    ctx.save_for_backward(hidden, weight, bias, labels, output[1])
+    ctx.save_for_backward(hidden, weight, bias, labels, output[1], output[2])
     ctx.options = options
     ctx.set_materialize_grads(False)
-    ctx.mark_non_differentiable(output[1], output[2])
+    ctx.mark_non_differentiable(output[1])
 
 
-def _backward(ctx, grad_logps, _grad_lse, _grad_stats):
-    hidden, weight, bias, labels, lse = ctx.saved_tensors
+def _backward(ctx, grad_logps, _grad_lse, grad_stats):
+    hidden, weight, bias, labels, lse, stats = ctx.saved_tensors
     needs = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], bias is not None and ctx.needs_input_grad[2]]
     no_grads = (None,) * (4 + len(ctx.options) + 1)  # one per input of linear_token_logps_op
-    if grad_logps is None or not any(needs):
+    if (grad_logps is None and grad_stats is None) or not any(needs):
         return no_grads
-    grads = linear_token_logps_backward_op(hidden, weight, bias, labels, lse, grad_logps, *ctx.options, needs)
+    grad_logps, entropy, grad_entropy = entropy_grad_terms(grad_logps, grad_stats, lse[0], stats)
+    grads = linear_token_logps_backward_op(
+        hidden, weight, bias, labels, lse, grad_logps, entropy, grad_entropy, *ctx.options, needs
+    )
     return *(g if need else None for g, need in zip(grads, needs)), *no_grads[3:]
 
 

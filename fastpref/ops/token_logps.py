@@ -11,8 +11,8 @@ from fastpref.backends import backend_for
 from fastpref.params import HeadParams
 
 
-def _params(ignore_index: int, temperature: float, softcap: Optional[float], tile_bytes: Optional[int]) -> HeadParams:
-    return HeadParams(ignore_index, temperature, softcap, tile_bytes)
+def _params(ignore_index, temperature, softcap, tile_bytes, logit_scale) -> HeadParams:
+    return HeadParams(ignore_index, temperature, softcap, tile_bytes, logit_scale)
 
 
 @torch.library.custom_op("fastpref::token_logps", mutates_args=())
@@ -23,18 +23,19 @@ def token_logps_op(
     temperature: float,
     softcap: Optional[float],
     tile_bytes: Optional[int],
+    logit_scale: float,
     with_stats: bool,
     inplace_backward: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(..., V), (...) -> logps (...), lse (2, ...), stats (4, ...) or (0,); fp32 (fp64 for fp64).
     With inplace_backward, the backward writes the gradient into the logits' storage."""
-    params = _params(ignore_index, temperature, softcap, tile_bytes)
+    params = _params(ignore_index, temperature, softcap, tile_bytes, logit_scale)
     logps, lse, stats = backend_for(logits).logits_forward(logits, labels, params, with_stats)
     return logps, lse, logps.new_empty(0) if stats is None else stats
 
 
 @token_logps_op.register_fake
-def _(logits, labels, ignore_index, temperature, softcap, tile_bytes, with_stats, inplace_backward):
+def _(logits, labels, ignore_index, temperature, softcap, tile_bytes, logit_scale, with_stats, inplace_backward):
     dtype = torch.promote_types(logits.dtype, torch.float32)
     stats_shape = (4, *labels.shape) if with_stats else (0,)
     return (
@@ -50,18 +51,23 @@ def token_logps_backward_op(
     labels: Tensor,
     lse: Tensor,
     grad_logps: Tensor,
+    entropy: Optional[Tensor],
+    grad_entropy: Optional[Tensor],
     ignore_index: int,
     temperature: float,
     softcap: Optional[float],
     tile_bytes: Optional[int],
+    logit_scale: float,
 ) -> Tensor:
-    """Gradient w.r.t. logits of Σ grad_logps·logps: (..., V) in the logits' dtype."""
-    params = _params(ignore_index, temperature, softcap, tile_bytes)
-    return backend_for(logits).logits_backward(logits, labels, lse, grad_logps, params)
+    """Gradient w.r.t. logits of Σ grad_logps·logps (+ Σ grad_entropy·entropy): (..., V) in the logits' dtype."""
+    params = _params(ignore_index, temperature, softcap, tile_bytes, logit_scale)
+    return backend_for(logits).logits_backward(
+        logits, labels, lse, grad_logps, params, entropy=entropy, grad_entropy=grad_entropy
+    )
 
 
 @token_logps_backward_op.register_fake
-def _(logits, labels, lse, grad_logps, ignore_index, temperature, softcap, tile_bytes):
+def _(logits, labels, lse, grad_logps, entropy, grad_entropy, *options):
     return torch.empty_like(logits)
 
 
@@ -71,37 +77,55 @@ def token_logps_backward_inplace_op(
     labels: Tensor,
     lse: Tensor,
     grad_logps: Tensor,
+    entropy: Optional[Tensor],
+    grad_entropy: Optional[Tensor],
     ignore_index: int,
     temperature: float,
     softcap: Optional[float],
     tile_bytes: Optional[int],
+    logit_scale: float,
 ) -> None:
     """As token_logps_backward, written into the logits' own storage."""
-    params = _params(ignore_index, temperature, softcap, tile_bytes)
-    backend_for(logits).logits_backward(logits, labels, lse, grad_logps, params, True)
+    params = _params(ignore_index, temperature, softcap, tile_bytes, logit_scale)
+    backend_for(logits).logits_backward(
+        logits, labels, lse, grad_logps, params, True, entropy=entropy, grad_entropy=grad_entropy
+    )
 
 
 @token_logps_backward_inplace_op.register_fake
-def _(logits, labels, lse, grad_logps, ignore_index, temperature, softcap, tile_bytes):
+def _(logits, labels, lse, grad_logps, entropy, grad_entropy, *options):
     return None
 
 
 def _setup_context(ctx, inputs, output):
     logits, labels, *options, _with_stats, inplace_backward = inputs
-    ctx.save_for_backward(logits, labels, output[1])
+    ctx.save_for_backward(logits, labels, output[1], output[2])
     ctx.options, ctx.inplace_backward = options, inplace_backward
     ctx.set_materialize_grads(False)
-    ctx.mark_non_differentiable(output[1], output[2])
+    ctx.mark_non_differentiable(output[1])
 
 
-def _backward(ctx, grad_logps, _grad_lse, _grad_stats):
-    if grad_logps is None or not ctx.needs_input_grad[0]:
-        return (None,) * 8
-    logits, labels, lse = ctx.saved_tensors
+def entropy_grad_terms(grad_logps, grad_stats, logps_like, stats):
+    """(grad_logps, entropy, grad_entropy) for a backward: only the entropy (stats[0]) carries a
+    gradient among the statistics; grad_logps is zeros when only the entropy was differentiated."""
+    if grad_stats is None:
+        return grad_logps, None, None
+    if grad_logps is None:
+        grad_logps = torch.zeros_like(logps_like)
+    return grad_logps, stats[0], grad_stats[0]
+
+
+def _backward(ctx, grad_logps, _grad_lse, grad_stats):
+    no_grads = (None,) * 9
+    if (grad_logps is None and grad_stats is None) or not ctx.needs_input_grad[0]:
+        return no_grads
+    logits, labels, lse, stats = ctx.saved_tensors
+    grad_logps, entropy, grad_entropy = entropy_grad_terms(grad_logps, grad_stats, lse[0], stats)
+    args = (logits, labels, lse, grad_logps, entropy, grad_entropy, *ctx.options)
     if ctx.inplace_backward:
-        token_logps_backward_inplace_op(logits, labels, lse, grad_logps, *ctx.options)
-        return (logits,) + (None,) * 7
-    return (token_logps_backward_op(logits, labels, lse, grad_logps, *ctx.options),) + (None,) * 7
+        token_logps_backward_inplace_op(*args)
+        return (logits,) + no_grads[1:]
+    return (token_logps_backward_op(*args),) + no_grads[1:]
 
 
 torch.library.register_autograd("fastpref::token_logps", _backward, setup_context=_setup_context)
