@@ -213,7 +213,7 @@ def sequence_logps(model, batch, *, ld_alpha=None) -> torch.Tensor:
     hidden = hidden_states(model, batch["input_ids"], batch["attention_mask"])
     labels = batch["labels"][:, 1:]
     weight, bias = _weights_like(head, hidden)
-    kwargs = dict(bias=bias, softcap=head.softcap, temperature=head.temperature)
+    kwargs = dict(bias=bias, softcap=head.softcap, logit_scale=head.logit_scale)
     if ld_alpha is None:
         return fastpref.linear_sequence_logps(hidden, weight, labels, **kwargs)
     per_token = fastpref.linear_token_logps(hidden, weight, labels, **kwargs)
@@ -261,7 +261,7 @@ class SFTModule(TaskModule):
         labels = batch["labels"][:, 1:]
         weight, bias = _weights_like(head, hidden)
         logps, stats = fastpref.linear_token_logps(
-            hidden, weight, labels, bias=bias, softcap=head.softcap, temperature=head.temperature, return_stats=True
+            hidden, weight, labels, bias=bias, softcap=head.softcap, logit_scale=head.logit_scale, return_stats=True
         )
         mask = labels != -100
         tokens = mask.sum()
@@ -287,7 +287,7 @@ class DPOModule(TaskModule):
         hidden = hidden_states(self.model, batch["input_ids"], batch["attention_mask"])
         labels = batch["labels"][:, 1:]
         weight, bias = _weights_like(head, hidden)
-        head_kwargs = dict(bias=bias, softcap=head.softcap, temperature=head.temperature)
+        head_kwargs = dict(bias=bias, softcap=head.softcap, logit_scale=head.logit_scale)
         if c.loss == "dpo":
             out = fastpref.linear_dpo_loss(
                 hidden,
@@ -338,7 +338,7 @@ class DPOModule(TaskModule):
         labels = batch["labels"][:, 1:]
         weight, bias = _weights_like(head, hidden)
         logps = fastpref.linear_sequence_logps(
-            hidden, weight, labels, bias=bias, softcap=head.softcap, temperature=head.temperature
+            hidden, weight, labels, bias=bias, softcap=head.softcap, logit_scale=head.logit_scale
         ).view(-1, k)
         lengths = (labels != -100).sum(-1).view(-1, k)
         if c.loss == "rrhf":

@@ -48,7 +48,7 @@ def cache_key(model, splits: Splits, tokenizer, ld_alpha) -> str:
         "model": model_fingerprint(model),
         "data": splits.fingerprint(),
         "tokenizer": [type(tokenizer).__name__, len(tokenizer), getattr(tokenizer, "chat_template", None)],
-        "head": [modeling.head_of(model).softcap, modeling.head_of(model).temperature],
+        "head": [modeling.head_of(model).softcap, modeling.head_of(model).logit_scale],
         "ld_alpha": ld_alpha,
     }
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:32]
