@@ -78,7 +78,8 @@ def decoder_of(model: nn.Module) -> nn.Module:
 
 def head_of(model: nn.Module) -> Head:
     head = model.get_output_embeddings()
-    if head is None or not isinstance(getattr(head, "weight", None), torch.Tensor) or head.weight.dim() != 2:
+    weight = getattr(head, "weight", None)
+    if not isinstance(weight, torch.Tensor) or len(getattr(weight, "ds_shape", weight.shape)) != 2:  # ZeRO-3: ds_shape
         raise ValueError(
             f"{type(model).__name__} has no linear LM head (get_output_embeddings() gave {type(head).__name__}); "
             "fastpref needs a causal LM whose head is a (vocab, hidden) matrix"

@@ -6,7 +6,10 @@ the sampling trainers (their temperature, a differentiable entropy bonus), the f
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import math
+import types
 
 import pytest
 import torch
@@ -14,6 +17,7 @@ import torch
 pytest.importorskip("trl")
 pytest.importorskip("datasets")
 
+import transformers
 import trl_runs
 from test_train import tiny_config
 
@@ -209,3 +213,59 @@ def test_patch_wants_a_trainer_with_a_fused_head():
 
     with pytest.raises(TypeError, match="got RewardLike .a reward model has no vocab head to fuse"):
         fastpref_trl.patch(RewardLike())
+
+
+class _FakeZero3:
+    """DeepSpeed ZeRO-3's view of one parameter: its values are not there (NaN here) except inside `gather`."""
+
+    def __init__(self, parameter):
+        self.parameter, self.full = parameter, parameter.data
+        parameter.data = torch.full_like(self.full, float("nan"))
+        self.gathers = 0
+
+    @contextlib.contextmanager
+    def gather(self, *parameters):
+        if not any(p is self.parameter for p in parameters):
+            yield
+            return
+        self.gathers += 1
+        partitioned, self.parameter.data = self.parameter.data, self.full
+        try:
+            yield
+        finally:
+            self.parameter.data = partitioned
+
+
+def test_zero3_partitioned_head_is_gathered_for_forward_and_backward(monkeypatch):
+    """fastpref's backward recomputes the logits from the head weight, which ZeRO-3 partitions again after the
+    forward: it is gathered around that backward too."""
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(tiny_config("llama"))
+    reference = copy.deepcopy(model)
+    contract = fastpref_trl.HeadContract(("entropy",))
+    for m in (model, reference):
+        m.forward = types.MethodType(fastpref_trl._fused_forward(m, contract, m.forward), m)
+    ids = torch.randint(3, model.config.vocab_size, (2, 10))
+    labels = ids.masked_fill(torch.arange(10) < 3, -100)
+    expected = reference(input_ids=ids, labels=labels, fused_lm_head=True)
+    (expected.log_probs.sum() + expected.entropy.sum()).backward()
+
+    zero3 = _FakeZero3(model.lm_head.weight)
+    monkeypatch.setattr(fastpref_trl, "is_deepspeed_zero3_enabled", lambda: True)
+    monkeypatch.setattr(fastpref_trl, "maybe_gather_lm_head_ctx", zero3.gather)
+    out = model(input_ids=ids, labels=labels, fused_lm_head=True)
+    (out.log_probs.sum() + out.entropy.sum()).backward()
+    assert zero3.gathers == 2 and model.lm_head.weight.isnan().all()  # forward, backward; partitioned after
+    torch.testing.assert_close(out.log_probs, expected.log_probs.detach())
+    torch.testing.assert_close(model.lm_head.weight.grad, reference.lm_head.weight.grad)
+    torch.testing.assert_close(model.model.norm.weight.grad, reference.model.norm.weight.grad)
+
+
+def test_a_zero3_partition_passes_the_head_check():
+    """Under ZeRO-3 a partitioned weight is empty, its (V, H) shape kept in `ds_shape`."""
+    model = transformers.AutoModelForCausalLM.from_config(tiny_config("llama"))
+    weight = model.lm_head.weight
+    weight.ds_shape, weight.data = weight.shape, torch.empty(0)
+    from fastpref.model_head import head_of
+
+    assert head_of(model).weight is weight

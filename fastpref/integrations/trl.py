@@ -37,6 +37,7 @@ from dataclasses import dataclass
 import torch
 import transformers
 from packaging.version import Version
+from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
 
 import fastpref
@@ -107,10 +108,9 @@ def _router_aux_loss(model, text_config, router_logits, attention_mask) -> torch
 
 
 def _gather_in_backward(outputs, weight, bias) -> None:
-    """DeepSpeed ZeRO-3 frees the head weight again after the forward, and fastpref's backward recomputes the
-    logits from it: gather it around the backward of the op that reads it, as TRL's head does inside its own."""
-    pending = [t.grad_fn for t in outputs if t is not None and t.grad_fn is not None]
-    seen = set()
+    """DeepSpeed ZeRO-3 partitions the head weight again after the forward, and fastpref's backward recomputes the
+    logits from it: gather it around the backward of the op that reads it (TRL's head gathers inside its own)."""
+    pending, seen = [t.grad_fn for t in outputs if t is not None and t.grad_fn is not None], set()
     while pending:
         node = pending.pop()
         if node in seen:
@@ -118,42 +118,70 @@ def _gather_in_backward(outputs, weight, bias) -> None:
         seen.add(node)
         if any(getattr(child, "variable", None) is weight for child, _ in node.next_functions):
             gathered = contextlib.ExitStack()
-            node.register_prehook(lambda grads: gathered.enter_context(maybe_gather_lm_head_ctx(weight, bias)) and None)
-            node.register_hook(lambda grad_inputs, grad_outputs: gathered.close())
+
+            def gather(grad_outputs):
+                gathered.enter_context(maybe_gather_lm_head_ctx(weight, bias))
+
+            def release(grad_inputs, grad_outputs):
+                gathered.close()
+
+            node.register_prehook(gather)
+            node.register_hook(release)
             return
         pending.extend(child for child, _ in node.next_functions if child is not None)
 
 
+@contextlib.contextmanager
+def _unsharded(head_module):
+    """FSDP2: a head sharded on its own stays sharded (DTensors) through the model's forward, which never calls it.
+    Unshard it: the head's GEMMs and its gradient use the full weight, and FSDP's end-of-backward callback
+    reduce-scatters that gradient into the shards and reshards (without a backward, it is resharded here).
+    A DTensor head outside FSDP2 is gathered with `full_tensor()`, as TRL's head does."""
+    if not isinstance(getattr(head_module, "weight", None), DTensor):
+        yield
+        return
+    if not isinstance(head_module, FSDPModule):
+        yield "full_tensor"
+        return
+    head_module.unshard()
+    try:
+        yield
+    finally:
+        if not (torch.is_grad_enabled() and head_module.weight.requires_grad):
+            head_module.reshard()
+
+
 def head_log_probs(model, hidden, labels, contract: HeadContract):
-    """Log-probs (..., ) and, when the contract reads any, `TokenStats` of the model's head on hidden (..., H)."""
-    head = head_of(model)
-    weight, bias = head.weight, head.bias
-    hidden, labels = hidden.to(weight.device), labels.to(weight.device)
-    if isinstance(weight, DTensor):  # FSDP2: a sharded head outside its module's forward
-        weight = weight.full_tensor()
-        bias = None if bias is None else bias.full_tensor()
-    device_type = hidden.device.type
-    autocast = contextlib.nullcontext()
-    if contract.cast_lm_head_to_fp32:
-        dtype, autocast = torch.float32, torch.autocast(device_type, enabled=False)
-    elif torch.is_autocast_enabled(device_type):  # the head's GEMMs in the autocast dtype, as TRL's under autocast
-        dtype = torch.get_autocast_dtype(device_type)
-    else:
-        dtype = hidden.dtype
-    with autocast, maybe_gather_lm_head_ctx(weight, bias):
-        out = fastpref.linear_token_logps(
-            hidden.to(dtype),
-            weight.to(dtype),
-            labels,
-            bias=None if bias is None else bias.to(dtype),
-            softcap=head.softcap,
-            logit_scale=head.logit_scale,
-            temperature=contract.temperature,
-            return_stats=bool(contract.outputs),
-        )
+    """Log-probs (...) and, when the contract reads any, `TokenStats` of the model's head on hidden (..., H)."""
+    module = model.get_output_embeddings()
+    with _unsharded(module) as gather, maybe_gather_lm_head_ctx(module.weight, getattr(module, "bias", None)):
+        head = head_of(model)
+        weight, bias = head.weight, head.bias
+        if gather == "full_tensor":
+            weight, bias = weight.full_tensor(), None if bias is None else bias.full_tensor()
+        hidden, labels = hidden.to(weight.device), labels.to(weight.device)
+        device_type = hidden.device.type
+        autocast = contextlib.nullcontext()
+        if contract.cast_lm_head_to_fp32:
+            dtype, autocast = torch.float32, torch.autocast(device_type, enabled=False)
+        elif torch.is_autocast_enabled(device_type):  # the head's GEMMs in the autocast dtype, as TRL's
+            dtype = torch.get_autocast_dtype(device_type)
+        else:
+            dtype = hidden.dtype
+        with autocast:
+            out = fastpref.linear_token_logps(
+                hidden.to(dtype),
+                weight.to(dtype),
+                labels,
+                bias=None if bias is None else bias.to(dtype),
+                softcap=head.softcap,
+                logit_scale=head.logit_scale,
+                temperature=contract.temperature,
+                return_stats=bool(contract.outputs),
+            )
     log_probs, stats = out if contract.outputs else (out, None)
     if is_deepspeed_zero3_enabled() and torch.is_grad_enabled():
-        _gather_in_backward((log_probs, stats and stats.entropy), head.weight, head.bias)
+        _gather_in_backward((log_probs, None if stats is None else stats.entropy), weight, bias)
     return log_probs, stats
 
 
