@@ -16,7 +16,6 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-
 # Config attributes that scale the raw logits, in the order TRL 1.16's fused head reads them (the first one set
 # wins): (attribute, True when the family multiplies by it, False when it divides).
 _LOGIT_SCALES = (
@@ -40,7 +39,7 @@ class Head:
 
 
 def logit_settings(config) -> tuple[float | None, float]:
-    """(softcap, logit_scale) of a model family from its text config: z = softcap * tanh(logit_scale * raw / softcap)."""
+    """(softcap, logit_scale) of a model family, from its text config: z = softcap·tanh(logit_scale·raw / softcap)."""
     text = config.get_text_config()
     softcap = getattr(text, "final_logit_softcapping", None)
     return (float(softcap) if softcap else None), _logit_scale(text)
@@ -86,9 +85,9 @@ def head_of(model: nn.Module) -> Head:
         )
     if _carries_adapter(head):
         raise ValueError(
-            f"{type(model).__name__}'s LM head carries a PEFT adapter ({type(head).__name__}): fastpref reads the head's "
-            "weight, which would silently leave the adapter out. Keep lm_head out of the adapter's target_modules "
-            "(modules_to_save=['lm_head'] trains the head in full)"
+            f"{type(model).__name__}'s LM head carries a PEFT adapter ({type(head).__name__}): fastpref reads the "
+            "head's weight, which would silently leave the adapter out. Keep lm_head out of the adapter's "
+            "target_modules (modules_to_save=['lm_head'] trains the head in full)"
         )
     softcap, logit_scale = logit_settings(model.config)
     return Head(head.weight, getattr(head, "bias", None), softcap, logit_scale)

@@ -151,6 +151,7 @@ def test_contracts_ask_each_model_for_what_its_trainer_reads():
 def test_patched_forward_gives_only_the_fields_asked_for():
     trainer = trl_runs.trainer("kto")
     fastpref_trl.patch(trainer)
+    fastpref_trl.patch(trainer)  # patching twice patches once
     ids = torch.tensor([[3, 4, 5, 6, 7]])
     labels = torch.tensor([[-100, -100, 5, 6, 7]])
     policy = trainer.model(input_ids=ids, labels=labels, fused_lm_head=True)
@@ -211,7 +212,7 @@ def test_patch_wants_a_trainer_with_a_fused_head():
         def __init__(self):  # no training set-up needed to be refused
             self.model = reward_model
 
-    with pytest.raises(TypeError, match="got RewardLike .a reward model has no vocab head to fuse"):
+    with pytest.raises(TypeError, match="got RewardLike .a reward model scores with a .hidden x 1. head"):
         fastpref_trl.patch(RewardLike())
 
 

@@ -61,7 +61,7 @@ def _worker(rank, port):
             for layer in model.model.layers:
                 fully_shard(layer)
             fully_shard(model)
-            with torch.no_grad():  # a reference model's forward: no backward to reshard a head of its own, so it is here
+            with torch.no_grad():  # a reference model's forward: no backward reshards a head of its own, so it does
                 _objective(model, batches[rank])
             if layout == "head sharded on its own":
                 assert isinstance(model.lm_head.weight, DTensor)
@@ -72,7 +72,7 @@ def _worker(rank, port):
             for name, parameter in model.named_parameters():
                 want = dict(reference.named_parameters())[name].grad
                 got = parameter.grad.full_tensor()
-                torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7, msg=lambda m: f"{layout}, {name}: {m}")
+                torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7, msg=f"{layout}, {name}")
     finally:
         dist.destroy_process_group()
 

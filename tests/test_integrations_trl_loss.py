@@ -92,8 +92,9 @@ def _fastpref(options):
         pair_weights=pair_weights, **dpo_options,
     )
     out.loss.backward()
-    metrics = {"rewards/chosen": out.chosen_rewards.mean().item(), "rewards/rejected": out.rejected_rewards.mean().item(),
-               "rewards/margins": (out.chosen_rewards - out.rejected_rewards).mean().item()}
+    chosen_rewards, rejected_rewards = out.chosen_rewards, out.rejected_rewards
+    metrics = {"rewards/chosen": chosen_rewards.mean().item(), "rewards/rejected": rejected_rewards.mean().item(),
+               "rewards/margins": (chosen_rewards - rejected_rewards).mean().item()}
     return out.loss.detach(), token_logps.grad, metrics
 
 

@@ -107,7 +107,8 @@ def test_transformers_drop_in_and_training_loop_score_as_the_model(family):
     model.zero_grad()
 
     def training_loop(model, input_ids, attention_mask, labels):
-        return modeling.sequence_logps(model, {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels})
+        batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+        return modeling.sequence_logps(model, batch)
 
     _check_against_the_model(model, training_loop, batch)
 

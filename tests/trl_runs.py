@@ -82,7 +82,7 @@ def logs(kind: str, patched: bool, **options) -> list[dict]:
     return [entry for entry in run.state.log_history if "loss" in entry]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _stock_logs(kind: str, options: tuple) -> list[dict]:
     return logs(kind, False, **dict(options))
 

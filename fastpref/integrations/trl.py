@@ -19,9 +19,10 @@ TRL 1.16's source): which statistics the trainer reads (nothing but log-probs on
 the sampling temperature (GRPO, RLOO) and whether the head runs in float32 outside autocast (GRPO's
 `cast_lm_head_to_fp32`). The logit settings of the model family (softcap, logit scales) come from
 `fastpref.model_head`, as `fastpref train` uses them. The model's forward signature is kept (generation
-inspects it for `logits_to_keep`), FSDP2 `DTensor` and DeepSpeed ZeRO-3 head weights are gathered for
-the forward and the backward, and MoE models get the router's load-balancing loss when asked, as TRL's
-head does. A LoRA adapter on the LM head is refused: the head's weight alone would silently drop it.
+inspects it for `logits_to_keep`), an FSDP2-sharded head is unsharded and a DeepSpeed ZeRO-3 partition
+gathered for the head's forward and backward, and MoE models get the router's load-balancing loss when
+asked, as TRL's head does. A LoRA adapter on the LM head is refused: the head's weight alone would
+silently leave it out.
 
 `RewardTrainer` is not patched: a reward model scores with a (hidden x 1) head, there are no vocab
 logits to fuse, and its Bradley-Terry loss is already a few (B,) ops.
@@ -45,13 +46,15 @@ from fastpref.model_head import head_of
 
 try:
     from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
-    from trl import DPOTrainer, GRPOTrainer, KTOTrainer, RLOOTrainer, SFTTrainer
+    from trl import DPOTrainer, GRPOTrainer, KTOTrainer, RewardTrainer, RLOOTrainer, SFTTrainer
     from trl.trainer.utils import FusedCausalLMOutput, maybe_gather_lm_head_ctx
 except ImportError as e:  # pragma: no cover - depends on the install
     raise ImportError(f"fastpref.integrations.trl needs TRL 1.16 ({e}): pip install 'fastpref[trl]'") from e
 
 # FusedCausalLMOutput's statistic fields -> fastpref.TokenStats' fields
-_STAT_FIELDS = {"entropy": "entropy", "is_top1": "is_top1", "mean_logits": "mean_logit", "log_sum_sq_probs": "log_sum_sq_probs"}
+_STAT_FIELDS = {
+    "entropy": "entropy", "is_top1": "is_top1", "mean_logits": "mean_logit", "log_sum_sq_probs": "log_sum_sq_probs"
+}
 
 
 @dataclass(frozen=True)
@@ -92,18 +95,17 @@ def contracts(trainer) -> tuple[HeadContract, HeadContract]:
         if isinstance(trainer, cls):
             return policy(trainer), reference(trainer)
     names = ", ".join(cls.__name__ for cls in _CONTRACTS)
-    raise TypeError(
-        f"patch() takes a TRL trainer with a fused LM head ({names}), got {type(trainer).__name__}"
-        + (" (a reward model has no vocab head to fuse)" if "Reward" in type(trainer).__name__ else "")
-    )
+    why = " (a reward model scores with a (hidden x 1) head: no vocab to fuse)"
+    why = why if isinstance(trainer, RewardTrainer) else ""
+    raise TypeError(f"patch() takes a TRL trainer with a fused LM head ({names}), got {type(trainer).__name__}{why}")
 
 
 def _router_aux_loss(model, text_config, router_logits, attention_mask) -> torch.Tensor:
     """The MoE load-balancing loss the model's own forward adds (Mixtral's, which every MoE family uses)."""
     from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
 
-    num_experts = getattr(text_config, "num_experts", None) or getattr(model, "num_experts")
-    top_k = getattr(text_config, "num_experts_per_tok", None) or getattr(model, "num_experts_per_tok")
+    num_experts = getattr(text_config, "num_experts", None) or model.num_experts
+    top_k = getattr(text_config, "num_experts_per_tok", None) or model.num_experts_per_tok
     return load_balancing_loss_func(router_logits, num_experts, top_k, attention_mask)
 
 
@@ -117,18 +119,22 @@ def _gather_in_backward(outputs, weight, bias) -> None:
             continue
         seen.add(node)
         if any(getattr(child, "variable", None) is weight for child, _ in node.next_functions):
-            gathered = contextlib.ExitStack()
-
-            def gather(grad_outputs):
-                gathered.enter_context(maybe_gather_lm_head_ctx(weight, bias))
-
-            def release(grad_inputs, grad_outputs):
-                gathered.close()
-
-            node.register_prehook(gather)
-            node.register_hook(release)
+            _gather_around(node, weight, bias)
             return
         pending.extend(child for child, _ in node.next_functions if child is not None)
+
+
+def _gather_around(node, weight, bias) -> None:
+    gathered = contextlib.ExitStack()
+
+    def gather(grad_outputs):
+        gathered.enter_context(maybe_gather_lm_head_ctx(weight, bias))
+
+    def release(grad_inputs, grad_outputs):
+        gathered.close()
+
+    node.register_prehook(gather)
+    node.register_hook(release)
 
 
 @contextlib.contextmanager
