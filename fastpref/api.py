@@ -54,18 +54,25 @@ def head_params(ignore_index, temperature, softcap, logit_scale=1.0) -> HeadPara
     return HeadParams(int(ignore_index), float(temperature), softcap, None, float(logit_scale))
 
 
-def check_labels(labels: torch.Tensor, shape, vocab_size: int, ignore_index: int, what: str) -> None:
-    """labels: an integer tensor of `shape`, each value in [0, vocab_size) or ignore_index."""
+def check_labels(labels, shape, what: str) -> torch.Tensor:
+    """labels: an integer tensor of `shape`, returned as int64 (any integer dtype is accepted). Their
+    values ([0, V) or ignore_index) are checked where the valid rows are counted
+    (`fastpref.backends.rows`), in that one host sync; not under CUDA-graph capture."""
     check_tensor("labels", labels, integer=True)
     check_shape("labels", labels, shape, what)
-    if torch.compiler.is_compiling():  # a value check needs the values: not inside a traced graph
-        return
-    out_of_range = (labels != ignore_index) & ((labels < 0) | (labels >= vocab_size))
-    if out_of_range.any():
-        bad = labels[out_of_range][0].item()
-        raise ValueError(
-            f"labels must lie in [0, {vocab_size}) or equal ignore_index={ignore_index}, found {bad}"
-        )
+    return labels.long()
+
+
+def shares_memory(t: torch.Tensor) -> bool:
+    """Whether two elements of t may sit at one address (an expanded or overlapping view): with the
+    dims ordered by stride, each stride must step past everything the smaller ones span."""
+    span = 0  # the largest offset reachable with the dims seen so far
+    dims = sorted((stride, size) for size, stride in zip(t.shape, t.stride()) if size > 1)
+    for stride, size in dims:
+        if stride <= span:
+            return True
+        span += stride * (size - 1)
+    return False
 
 
 def _stats(stats: torch.Tensor) -> TokenStats:
@@ -86,25 +93,34 @@ def token_logps(
     """log p(label) per position, never holding an fp32 copy of the logits.
 
     logits (..., V) float, labels (...) int -> (...) float32; with return_stats=True,
-    (logps, TokenStats) from the same pass. The logits become z = softcap·tanh(logit_scale·raw/softcap)
-    / temperature (logit_scale: a family's multiplier applied before the softcap, e.g. Cohere's). inplace_backward=True writes the gradient into the
-    logits' own storage (no memory beyond lse): only when nothing else reads those logits later.
+    (logps, TokenStats) from the same pass. The logits become
+    z = softcap·tanh(logit_scale·raw/softcap) / temperature (logit_scale: a family's multiplier
+    applied before the softcap, e.g. Cohere's). inplace_backward=True writes the gradient into the
+    logits' own storage (no memory beyond lse): only when nothing else reads those logits later,
+    and only for logits whose elements do not share memory (not an expanded view).
+    Labels are checked to lie in [0, V) or equal ignore_index, except inside a CUDA-graph capture.
     """
     check_tensor("logits", logits, floating=True)
     if logits.dim() < 1 or logits.shape[-1] == 0:
         raise ValueError(f"logits must have a non-empty last (vocab) dim, got shape {tuple(logits.shape)}")
+    labels = check_labels(labels, logits.shape[:-1], "logits.shape[:-1]")
     check_same_device(logits=logits, labels=labels)
     params = head_params(ignore_index, temperature, softcap, logit_scale)
-    check_labels(labels, logits.shape[:-1], logits.shape[-1], params.ignore_index, "logits.shape[:-1]")
     if not isinstance(inplace_backward, bool):
         raise TypeError(f"inplace_backward must be a bool, got {type(inplace_backward).__name__}")
+    if inplace_backward and shares_memory(logits):
+        raise ValueError(
+            "inplace_backward=True needs logits whose elements do not share memory, got an expanded or "
+            f"overlapping view (shape {tuple(logits.shape)}, strides {logits.stride()}); pass inplace_backward=False"
+        )
     logps, _lse, stats = token_logps_op(
         logits, labels, *dataclasses.astuple(params), return_stats, inplace_backward
     )
     return (logps, _stats(stats)) if return_stats else logps
 
 
-def _check_linear(hidden, weight, labels, bias, ignore_index, temperature, softcap, logit_scale) -> HeadParams:
+def _check_linear(hidden, weight, labels, bias, ignore_index, temperature, softcap, logit_scale):
+    """Check the linear head's inputs; returns (HeadParams, labels as int64)."""
     check_tensor("hidden", hidden, floating=True)
     check_tensor("weight", weight, floating=True)
     if weight.dim() != 2:
@@ -120,10 +136,9 @@ def _check_linear(hidden, weight, labels, bias, ignore_index, temperature, softc
         check_shape("bias", bias, (weight.shape[0],), "(V,) of weight")
         if bias.dtype != hidden.dtype:
             raise TypeError(f"bias must have hidden's dtype {hidden.dtype}, got {bias.dtype}")
+    labels = check_labels(labels, hidden.shape[:-1], "hidden.shape[:-1]")
     check_same_device(hidden=hidden, weight=weight, labels=labels, bias=bias)
-    params = head_params(ignore_index, temperature, softcap, logit_scale)
-    check_labels(labels, hidden.shape[:-1], weight.shape[0], params.ignore_index, "hidden.shape[:-1]")
-    return params
+    return head_params(ignore_index, temperature, softcap, logit_scale), labels
 
 
 def linear_token_logps(
@@ -144,7 +159,7 @@ def linear_token_logps(
     return_stats=True, (logps, TokenStats)). Gradients flow to hidden, weight and bias.
     Head options as in `token_logps`.
     """
-    params = _check_linear(hidden, weight, labels, bias, ignore_index, temperature, softcap, logit_scale)
+    params, labels = _check_linear(hidden, weight, labels, bias, ignore_index, temperature, softcap, logit_scale)
     logps, _lse, stats = linear_token_logps_op(hidden, weight, bias, labels, *dataclasses.astuple(params), return_stats)
     return (logps, _stats(stats)) if return_stats else logps
 
@@ -260,8 +275,6 @@ def _pair_indices(pairs, n_seqs: int, device):
         check_tensor(name, idx, integer=True)
         if idx.dim() != 1:
             raise ValueError(f"{name} must be 1-D (B,), got shape {tuple(idx.shape)}")
-        if not torch.compiler.is_compiling() and idx.numel() and (idx.min() < 0 or idx.max() >= n_seqs):
-            raise ValueError(f"{name} must index the {n_seqs} sequences of hidden, got values outside [0, {n_seqs})")
     check_shape("pairs[1]", rejected_idx, chosen_idx.shape, "pairs[0].shape")
     check_same_device(hidden=torch.empty(0, device=device), **{"pairs[0]": chosen_idx, "pairs[1]": rejected_idx})
     return chosen_idx, rejected_idx
@@ -306,8 +319,10 @@ def linear_dpo_loss(
     check_tensor("hidden", hidden, floating=True)
     if hidden.dim() != 3:
         raise ValueError(f"hidden must be (M, T, H), got shape {tuple(hidden.shape)}")
-    head = _check_linear(hidden, weight, labels, bias, ignore_index, temperature, softcap, logit_scale)
+    head, labels = _check_linear(hidden, weight, labels, bias, ignore_index, temperature, softcap, logit_scale)
     chosen_idx, rejected_idx = _pair_indices(pairs, hidden.shape[0], hidden.device)
+    if chosen_idx.numel() == 0:
+        raise ValueError(f"linear_dpo_loss needs at least one pair, got hidden of shape {tuple(hidden.shape)}")
     for name, ref in (("ref_chosen_logps", ref_chosen_logps), ("ref_rejected_logps", ref_rejected_logps)):
         if ref is not None:
             check_tensor(name, ref, floating=True)
@@ -352,7 +367,7 @@ def _sigmoid_kernel_serves(tensor: torch.Tensor, *refs) -> bool:
 @functools.wraps(losses.dpo_loss)
 def dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, **options):
     loss_type = options.get("loss_type", "sigmoid")
-    single_sigmoid = loss_type == "sigmoid" or list(loss_type) == ["sigmoid"]
+    single_sigmoid = loss_type == "sigmoid" or (isinstance(loss_type, (list, tuple)) and list(loss_type) == ["sigmoid"])
     plain = all(options.get(name) is None for name in ("loss_weights", "pair_weights"))
     if not (single_sigmoid and plain and _sigmoid_kernel_serves(policy_chosen_logps, ref_chosen_logps, ref_rejected_logps)):
         return losses.dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, **options)
@@ -371,12 +386,13 @@ def dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_r
     )
     chosen_ratio = policy_chosen_logps if ref_chosen_logps is None else policy_chosen_logps - ref_chosen_logps
     rejected_ratio = policy_rejected_logps if ref_rejected_logps is None else policy_rejected_logps - ref_rejected_logps
-    return losses.PreferenceOutput(per_pair.mean(), beta * chosen_ratio.detach(), beta * rejected_ratio.detach())
+    loss = per_pair.mean().to(policy_chosen_logps.dtype)  # the dtype the torch backend returns
+    return losses.PreferenceOutput(loss, beta * chosen_ratio.detach(), beta * rejected_ratio.detach())
 
 
 @functools.wraps(losses.bt_loss)
 def bt_loss(chosen_rewards, rejected_rewards, *, margin=None, center_rewards_coefficient=None):
-    if not _sigmoid_kernel_serves(chosen_rewards):
+    if not _sigmoid_kernel_serves(chosen_rewards, margin if isinstance(margin, torch.Tensor) else None):
         return losses.bt_loss(
             chosen_rewards, rejected_rewards, margin=margin, center_rewards_coefficient=center_rewards_coefficient
         )
@@ -386,4 +402,4 @@ def bt_loss(chosen_rewards, rejected_rewards, *, margin=None, center_rewards_coe
     per_pair, _, _ = pair_sigmoid_op(
         chosen_rewards, rejected_rewards, None, None, margin, 1.0, "reverse_kl", 0.5, float(center_rewards_coefficient or 0.0)
     )
-    return per_pair.mean()
+    return per_pair.mean().to(chosen_rewards.dtype)

@@ -1,4 +1,4 @@
-"""`fastpref train sft|dpo|rm [options]`, the training loop; `fastpref bench [options]`, the
+"""`fastpref train sft|dpo|reward [options]`, the training loop; `fastpref bench [options]`, the
 benchmarks against the textbook head and the peers (`fastpref bench --help`); `fastpref score
 [options]`, in-context preference scoring (ICDPO) of candidate responses (`fastpref score --help`).
 
@@ -21,7 +21,7 @@ import sys
 TASKS = {
     "sft": "supervised fine-tuning on completions (prompt masked)",
     "dpo": "preference optimisation: DPO family (--loss_type), SimPO / CPO / ORPO, RRHF / PRO (--loss)",
-    "rm": "Bradley-Terry reward model (scalar head, fastpref.bt_loss)",
+    "reward": "Bradley-Terry reward model (scalar head, fastpref.bt_loss); `rm` is an alias",
 }
 
 
@@ -32,7 +32,7 @@ def _top_parser() -> argparse.ArgumentParser:
         epilog="Run `fastpref train <task> --help` for a task's options.",
     )
     commands = parser.add_subparsers(dest="command", metavar="command")
-    train = commands.add_parser("train", help="train a model (sft, dpo, rm)", add_help=True)
+    train = commands.add_parser("train", help="train a model (sft, dpo, reward)", add_help=True)
     train.add_argument("task", choices=sorted(TASKS), help="; ".join(f"{k}: {v}" for k, v in TASKS.items()))
     commands.add_parser("bench", help="benchmarks vs the textbook head and TRL / Liger / CCE (python -m fastpref.bench)")
     commands.add_parser("score", help="rank candidate responses by in-context preference (ICDPO)")
@@ -105,6 +105,8 @@ def main(argv: list[str] | None = None) -> int:
         return _score(argv[1:])
     if argv[0] != "train":
         parser.error(f"unknown command {argv[0]!r} (choose: train, bench, score)")
+    if len(argv) >= 2 and argv[1] == "rm":  # fastpref's older name for `reward`
+        argv[1] = "reward"
     if len(argv) < 2 or argv[1] not in TASKS:
         if len(argv) >= 2 and argv[1] in ("-h", "--help"):
             parser.parse_args(argv)  # prints `train`'s help and exits

@@ -23,7 +23,7 @@ def test_top_level_help(capsys):
     assert "train" in out and "fastpref" in out
 
 
-@pytest.mark.parametrize("task", ["sft", "dpo", "rm"])
+@pytest.mark.parametrize("task", ["sft", "dpo", "reward", "rm"])
 def test_task_help_lists_trl_names(task, capsys):
     with pytest.raises(SystemExit) as exit_info:
         cli.main(["train", task, "--help"])

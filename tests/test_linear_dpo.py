@@ -186,7 +186,12 @@ def test_gradcheck_float64():
 
 BAD_INPUTS = [
     (lambda b: {"hidden": b["hidden"][:5], "labels": b["labels"][:5]}, ValueError, "chosen-then-rejected"),
-    (lambda b: {"pairs": (torch.tensor([0, 9]), torch.tensor([1, 2]))}, ValueError, r"pairs\[0\]"),
+    (
+        lambda b: {"pairs": (torch.tensor([0, 9]), torch.tensor([1, 2])), "ref_chosen_logps": torch.zeros(2),
+                   "ref_rejected_logps": torch.zeros(2)},
+        ValueError,
+        r"pairs\[0\]",
+    ),  # fmt: skip
     (lambda b: {"pairs": (torch.tensor([0.0]), torch.tensor([1]))}, TypeError, r"pairs\[0\]"),
     (lambda b: {"pairs": torch.tensor([0, 1])}, TypeError, "pairs"),
     (lambda b: {"ref_chosen_logps": b["ref_chosen_logps"][:2]}, ValueError, "ref_chosen_logps"),
@@ -212,3 +217,70 @@ def test_bad_input_names_the_argument(change, error, match):
     args.update(change(args))
     with pytest.raises(error, match=match):
         fastpref.linear_dpo_loss(**args)
+
+
+@pytest.mark.parametrize("mode", ["one_chunk", "two_pass"])
+def test_reference_log_probs_that_require_grad_get_the_same_gradient_in_every_mode(path_log, mode):
+    hidden, weight, bias, labels, ref_c, ref_r = make_batch(torch.float32)
+    ref_c, ref_r = ref_c.clone().requires_grad_(), ref_r.clone().requires_grad_()
+    out = fastpref.linear_dpo_loss(hidden, weight, labels, ref_c, ref_r, bias=bias, memory_budget=MODES[mode](torch.float32))
+    assert path_log["two_pass" if mode == "two_pass" else "chunks"] >= 1
+    upstream = torch.tensor(0.7)
+    got = torch.autograd.grad(out.loss, (ref_c, ref_r), upstream)
+    half = torch.arange(PAIRS)
+    want = reference_loss(hidden, weight, bias, labels, ref_c, ref_r, half, half + PAIRS)[0]
+    expected = torch.autograd.grad(want, (ref_c, ref_r), upstream.double())
+    for g, e in zip(got, expected):
+        assert_close(g, e, rtol=1e-5, atol=1e-6, name="grad of a reference log-prob")
+
+
+def test_double_backward_raises_instead_of_a_wrong_gradient_penalty():
+    hidden, weight, bias, labels, ref_c, ref_r = make_batch(torch.float32)
+    out = fastpref.linear_dpo_loss(hidden, weight, labels, ref_c, ref_r, bias=bias)
+    with pytest.raises(RuntimeError, match="cannot be differentiated twice"):
+        torch.autograd.grad(out.loss, hidden, create_graph=True)  # the first step of a gradient penalty
+
+
+def test_no_grad_and_inference_mode_run_the_forward_alone(monkeypatch):
+    """Evaluation pays one GEMM per tile: neither the single pass nor any backward runs."""
+    hidden, weight, bias, labels, ref_c, ref_r = make_batch(torch.float32)
+    want = fastpref.linear_dpo_loss(hidden, weight, labels, ref_c, ref_r, bias=bias)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a backward GEMM ran without gradients")
+
+    monkeypatch.setattr(torch_chunked, "linear_rows_fused", refuse)
+    monkeypatch.setattr(torch_chunked, "linear_backward", refuse)
+    for context in (torch.no_grad, torch.inference_mode):
+        with context():
+            out = fastpref.linear_dpo_loss(hidden, weight, labels, ref_c, ref_r, bias=bias)
+        for got, expected in zip(out, want):
+            assert_close(got, expected.detach(), rtol=1e-6, atol=1e-6, name=context.__name__)
+
+
+def test_an_empty_batch_is_refused():
+    hidden, weight, bias, labels, ref_c, ref_r = make_batch(torch.float32)
+    with pytest.raises(ValueError, match="at least one pair"):
+        fastpref.linear_dpo_loss(hidden[:0], weight, labels[:0], ref_c[:0], ref_r[:0])
+
+
+def test_single_pass_budget_comes_from_the_backend_that_runs(monkeypatch):
+    """A llama3-8b pair (~1,290 valid rows at V = 128,256, bf16) fits the default 512 MiB on the Triton
+    backend, which holds the GEMM's bf16 output and turns it into dz in place (2 bytes a logit); the
+    chunked torch backend also holds three fp32 temporaries (14 bytes a logit)."""
+    hidden = torch.empty(2, 1, 8, dtype=torch.bfloat16)
+    monkeypatch.setenv("FASTPREF_BACKEND", "triton")
+    assert linear_dpo_module.fused_rows_budget(hidden, 128256, 512 << 20) == (512 << 20) // (128256 * 2) >= 1290
+    monkeypatch.setenv("FASTPREF_BACKEND", "torch")
+    assert linear_dpo_module.fused_rows_budget(hidden, 128256, 512 << 20) == (512 << 20) // (128256 * 14)
+
+
+def test_triton_backward_makes_each_dw_slice_in_one_gemm():
+    """llama3-8b's two-pass backward (5,200 valid rows, bf16, 64 MiB tiles): every row in one block, so
+    each vocab slice of dW is a single GEMM over all rows, never a read-modify-write per row chunk."""
+    from fastpref.backends.triton_backend import backward_tiles
+
+    rows, cols = backward_tiles(5200, 128256, 2, 64 << 20)
+    assert rows == 5200 and cols * rows * 2 <= 64 << 20 and cols >= 4096
+    rows, cols = backward_tiles(40000, 128256, 2, 64 << 20)  # too many rows: the narrowest slice, blocks of rows
+    assert cols == 4096 and rows * cols * 2 <= 64 << 20

@@ -7,7 +7,7 @@ import torch
 import fastpref
 import reference as ref
 from assertions import assert_close
-from fastpref.backends import torch_chunked
+from fastpref.backends import torch_chunked, triton_backend
 from tolerances import VS_FP64
 
 DTYPES = [torch.float64, torch.float32, torch.float16]
@@ -24,6 +24,7 @@ HEADS = [
 def _small_tiles(monkeypatch):
     monkeypatch.setattr(torch_chunked, "VOCAB_CHUNK", 256)
     monkeypatch.setattr(torch_chunked, "TILE_BYTES", 3 * 256 * 8)  # 3 rows of fp64, 6 of fp32
+    monkeypatch.setattr(triton_backend, "MIN_SLICE_COLS", 256)  # the Triton backward's vocab slices
 
 
 @pytest.fixture(params=["torch", "torch_small_tiles", "triton", "triton_small_tiles"])

@@ -93,7 +93,7 @@ def test_prompt_longer_than_max_length_trains(tmp_path):
     ex = next(e for e in out.train if e.row_id == "p0-0")
     assert all(len(ex.prompt) + len(c) <= 24 for c in ex.completions)
     assert len(ex.completions[0]) == len(rows[0]["chosen"].split()) + 1  # completion + eos kept whole
-    assert any("cut 1 prompt(s)" in n for n in out.notes)
+    assert any("cut 1 row(s)" in n for n in out.notes)
 
 
 def test_conversations_use_the_chat_template(tmp_path, tok):
@@ -191,7 +191,7 @@ def test_model_directory_without_a_head(tmp_path):
     base.save_pretrained(tmp_path / "base")
     with pytest.raises(ValueError, match="without a language-model head"):
         modeling.load_model_and_tokenizer(str(tmp_path / "base"), "dpo", 0, tokenizer_dir())
-    with pytest.raises(FileNotFoundError, match="neither a local transformers model directory .* nor a preset"):
+    with pytest.raises(FileNotFoundError, match="neither a local transformers model directory.* nor a preset"):
         modeling.load_model_and_tokenizer(str(tmp_path / "nowhere"), "dpo", 0)
 
 

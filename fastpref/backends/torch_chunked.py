@@ -22,7 +22,9 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
+from torch.torch_version import TorchVersion
 
+from fastpref.backends.rows import valid_rows
 from fastpref.params import HeadParams
 
 TILE_BYTES = 64 << 20  # fp32 bytes of one logits tile
@@ -32,6 +34,12 @@ VOCAB_CHUNK = 8192  # columns of one tile: keeps the GEMM's packed weight chunk 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """Statistics are fp32, or fp64 for fp64 inputs (so gradcheck sees exact math)."""
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def fused_bytes_per_logit(dtype: torch.dtype) -> int:
+    """Bytes the single pass holds per logit: the GEMM output in the input dtype plus three
+    compute-dtype tiles (z, and logsumexp's and the softmax's temporaries)."""
+    return torch.finfo(dtype).bits // 8 + 3 * torch.finfo(compute_dtype(dtype)).bits // 8
 
 
 def rows_per_tile(n_cols: int, dtype: torch.dtype, params: HeadParams) -> int:
@@ -44,11 +52,6 @@ def rows_per_tile(n_cols: int, dtype: torch.dtype, params: HeadParams) -> int:
 def spans(total: int, step: int):
     for start in range(0, total, step):
         yield start, min(start + step, total)
-
-
-def valid_positions(labels: torch.Tensor, ignore_index: int) -> tuple[torch.Tensor, ...]:
-    """Index tuple of the valid positions of labels (...), usable on any (..., X) tensor."""
-    return (labels != ignore_index).nonzero(as_tuple=True)
 
 
 def _transform_(z: torch.Tensor, params: HeadParams) -> torch.Tensor:
@@ -206,7 +209,7 @@ def scatter_outputs(labels, pos, logps, lse, stats):
 def logits_forward(logits, labels, params: HeadParams, with_stats: bool):
     """(..., V), (...) -> logps (...), lse (2, ...) as (max, log Σ exp(z − max)), stats (4, ...) or
     None; fp32 (fp64 for fp64 inputs)."""
-    pos = valid_positions(labels, params.ignore_index)
+    pos = valid_rows(labels, params.ignore_index, logits.shape[-1])
     y = labels[pos]
     cdt = compute_dtype(logits.dtype)
     like = logits.new_empty(0, dtype=cdt)
@@ -229,7 +232,7 @@ def logits_backward(
 ) -> torch.Tensor:
     """Gradient of Σ grad_logps·logps (+ Σ grad_entropy·entropy when given) w.r.t. logits: (..., V) in
     the logits' dtype, zero rows at ignored positions; written into the logits' own storage when in_place."""
-    pos = valid_positions(labels, params.ignore_index)
+    pos = valid_rows(labels, params.ignore_index, logits.shape[-1])
     y, lse, g = labels[pos], lse[(slice(None), *pos)], grad_logps[pos]
     cdt = compute_dtype(logits.dtype)
     g = g.to(cdt)
@@ -260,13 +263,19 @@ def _linear_tile(h_rows, weight, bias, c0, c1, cdt):
     return z.to(cdt)
 
 
+# torch >= 2.10 lets a CUDA GEMM of half-precision operands accumulate into an fp32 output
+# (`addmm(..., out_dtype=torch.float32)`); older versions refuse an fp32 `self` with bf16 operands.
+GEMM_OUT_DTYPE = TorchVersion(torch.__version__) >= "2.10"
+
+
 def accumulate_matmul_(acc, a, b) -> None:
     """acc += a @ b in acc's (compute) dtype. Half-precision products are never rounded to half
     before the sum (rounding each chunk's product to bf16 biases the gradient: TRL saw entropy
-    drift): on CUDA the GEMM writes fp32 directly; elsewhere the operands are upcast."""
+    drift): on CUDA with torch >= 2.10 the GEMM writes fp32 directly; elsewhere the operands are
+    upcast (an fp32 copy of both, the price of older torch)."""
     if acc.dtype == a.dtype:
         acc.addmm_(a, b)
-    elif acc.is_cuda:
+    elif acc.is_cuda and GEMM_OUT_DTYPE:
         torch.addmm(acc, a, b, out_dtype=acc.dtype, out=acc)
     else:
         acc.addmm_(a.to(acc.dtype), b.to(acc.dtype))
@@ -274,7 +283,7 @@ def accumulate_matmul_(acc, a, b) -> None:
 
 def linear_forward(hidden, weight, bias, labels, params: HeadParams, with_stats: bool):
     """(..., H), (V, H), (V,) or None, (...) -> logps (...), lse (2, ...), stats (4, ...) or None."""
-    pos = valid_positions(labels, params.ignore_index)
+    pos = valid_rows(labels, params.ignore_index, weight.shape[0])
     y, h = labels[pos], hidden[pos]
     cdt = compute_dtype(hidden.dtype)
     like = hidden.new_empty(0, dtype=cdt)
@@ -299,7 +308,7 @@ def linear_backward(
     Vocab chunks outermost, so one chunk's dW is accumulated in fp32 and written once.
     """
     need_h, need_w, need_b = needs
-    pos = valid_positions(labels, params.ignore_index)
+    pos = valid_rows(labels, params.ignore_index, weight.shape[0])
     y, h, lse = labels[pos], hidden[pos], lse[(slice(None), *pos)]
     cdt, dt = compute_dtype(hidden.dtype), hidden.dtype
     g = grad_logps[pos].to(cdt)

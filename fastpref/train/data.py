@@ -10,8 +10,12 @@ ranked. Batches lay sequences out as `linear_dpo_loss` wants them: all chosen ro
 rows (for K ranked completions, K rows per prompt, best first). Labels are the input ids with the
 prompt and the padding set to -100; the model shifts them (hidden[:, :-1] scores labels[:, 1:]).
 
-Truncation keeps the completion: the prompt is cut from the left to `max_prompt_length`, then further
-(to one token at least) until the longest completion fits `max_length`, and only then are completions
+SFT follows TRL's objective: a `messages` row is one sequence scored whole (or, with
+`assistant_only_loss`, on every assistant turn); prompt + completion rows score the completion
+(all tokens with `completion_only_loss=False`). Truncation (`truncation_mode`): TRL's `keep_start` /
+`keep_end` of prompt + completion, or by default for preference data fastpref's rule, which keeps the
+completion: the prompt is cut from the left to `max_prompt_length`, then further (to one token at least)
+until the longest completion fits `max_length`, and only then are completions
 cut at their end. Rows that cannot be used (an empty completion) are skipped and counted in the log.
 """
 
@@ -44,6 +48,7 @@ class Example:
     completions: list[list[int]]
     margin: float | None = None
     row_id: str = ""
+    masks: list[list[bool]] | None = None  # per completion token: scored (SFT's assistant_only_loss)
 
 
 @dataclass
@@ -99,35 +104,15 @@ def _hhh_rows() -> list[dict]:
     ]
 
 
-def load_rows(name: str, train_split: str = "train", test_split: str = "test") -> tuple[list[dict], list[dict] | None]:
-    """(train rows, test rows or None) from a packaged name, a JSONL file or a `datasets` directory."""
+def load_rows(
+    name: str, train_split: str = "train", test_split: str = "test", config_name: str | None = None
+) -> tuple[list[dict], list[dict] | None]:
+    """(train rows, test rows or None) from a packaged name, or any source `sources.load_splits` reads."""
     if name in PACKAGED:
         return (_hhh_rows() if name == "hhh" else _read_jsonl(packaged_path(name))), None
-    path = Path(name)
-    if not path.exists():
-        raise FileNotFoundError(
-            f"dataset {name!r} not found: give a JSONL file, a local `datasets` directory (save_to_disk) "
-            f"or one of the packaged names {sorted(PACKAGED)}"
-        )
-    if path.is_file():
-        rows = _read_jsonl(path)
-        if not rows:
-            raise ValueError(f"dataset {name} holds no rows")
-        return rows, None
-    try:
-        import datasets
-    except ImportError as e:
-        raise ImportError("reading a `datasets` directory needs the `datasets` package: pip install fastpref[train]") from e
-    try:
-        data = datasets.load_from_disk(str(path))
-    except FileNotFoundError as e:
-        raise ValueError(f"{name} is a directory but not a saved `datasets` dataset ({e})") from None
-    if isinstance(data, datasets.DatasetDict):
-        if train_split not in data:
-            raise ValueError(f"{name} has splits {sorted(data)}, not the training split {train_split!r}")
-        test = data[test_split].to_list() if test_split in data else None
-        return data[train_split].to_list(), test
-    return data.to_list(), None
+    from fastpref.train.sources import load_splits
+
+    return load_splits(name, config_name, train_split, test_split, _read_jsonl)
 
 
 # --- columns and rendering ---
@@ -250,6 +235,31 @@ class Renderer:
             )
         return self.tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
 
+    def encode_conversation(self, messages: list[dict], assistant_only: bool):
+        """A whole conversation as one sequence, as TRL's SFT tokenizes it -> (prompt ids, [ids], masks).
+
+        Without `assistant_only` every token is a completion token (the prompt is empty; the first token
+        is not scored, as in TRL). With it, the completion starts at the first assistant turn and its
+        mask marks every assistant turn's tokens: the text each turn adds after the generation prompt.
+        """
+        text = self._template(messages, False)
+        encoded = self.tok(text, add_special_tokens=False, return_offsets_mapping=assistant_only)
+        ids = encoded.input_ids
+        if not assistant_only:
+            return [], [ids], None
+        spans = []
+        for i, message in enumerate(messages):
+            if message["role"] != "assistant":
+                continue
+            before = self._template(messages[:i], True) if i else ""
+            through = self._template(messages[: i + 1], False)
+            if not (through.startswith(before) and text.startswith(through)):
+                raise ValueError("the chat template renders a conversation's turns differently alone and together")
+            spans.append((len(before), len(through)))
+        mask = [any(lo <= start < hi for lo, hi in spans) for start, _ in encoded.offset_mapping]
+        first = mask.index(True) if any(mask) else len(ids)
+        return ids[:first], [ids[first:]], [mask[first:]]
+
     def encode(self, prompt, completions) -> tuple[list[int], list[list[int]]]:
         conversational = _is_conversation(prompt) or any(_is_conversation(c) for c in completions)
         if conversational:
@@ -280,15 +290,32 @@ class Renderer:
         return prompt_ids, out
 
 
-def truncate(prompt: list[int], completions: list[list[int]], max_length, max_prompt_length):
-    """Keep the completions: cut the prompt from the left first. -> (prompt, completions, prompt_was_cut)."""
+def truncate(prompt: list[int], completions: list[list[int]], max_length, max_prompt_length, mode=None):
+    """Cut prompt + completion to max_length -> (prompt, completions, something_was_cut).
+
+    The prompt is first cut from the left to max_prompt_length. Then, by `mode`:
+    None (fastpref's rule): keep the completions: cut the prompt from the left, to one token at least,
+    then the completions at their end; "keep_start" (TRL's default): the first max_length tokens of
+    prompt + completion; "keep_end": the last max_length tokens (the prompt cut once for all
+    completions, by the longest).
+    """
     cut = False
     if max_prompt_length and len(prompt) > max_prompt_length:
         prompt, cut = prompt[-max_prompt_length:], True
+    if max_length and mode == "keep_start":
+        cut = cut or any(len(prompt) + len(c) > max_length for c in completions)
+        return prompt[:max_length], [c[: max(max_length - len(prompt), 0)] for c in completions], cut
+    if max_length and mode == "keep_end":
+        longest = max(len(c) for c in completions)
+        excess = max(len(prompt) + longest - max_length, 0)
+        prompt = prompt[excess:]
+        room = max_length - len(prompt)
+        return prompt, [c[max(len(c) - room, 0) :] for c in completions], cut or excess > 0
     if max_length:
         room = max_length - max(len(c) for c in completions)
         if len(prompt) > max(room, 1):
             prompt, cut = prompt[-max(room, 1):], True
+        cut = cut or any(len(prompt) + len(c) > max_length for c in completions)
         completions = [c[: max_length - len(prompt)] for c in completions]
     return prompt, completions, cut
 
@@ -336,29 +363,52 @@ def _split_by_prompt(items, fraction: float, seed: int):
     return train, test
 
 
-def _tokenize(items, renderer: Renderer, config, split: str, notes: list[str]) -> list[Example]:
+def _encode(renderer: Renderer, config, layout: str, prompt, completions):
+    """(prompt ids, completion ids, masks or None) with SFT's objective as TRL's: a `messages` row is one
+    sequence, scored whole or on its assistant turns (assistant_only_loss); prompt + completion rows
+    score the completion unless completion_only_loss is False."""
+    sft = getattr(config, "task", None) == "sft"
+    if sft and layout == "messages":
+        return renderer.encode_conversation(prompt + completions[0], config.assistant_only_loss)
+    prompt_ids, completion_ids = renderer.encode(prompt, completions)
+    if sft and config.completion_only_loss is False:
+        return [], [prompt_ids + c for c in completion_ids], None
+    return prompt_ids, completion_ids, None
+
+
+def _tokenize(items, renderer: Renderer, config, split: str, notes: list[str], layout: str = "") -> list[Example]:
     examples, empty, cut = [], [], 0
+    mode = getattr(config, "truncation_mode", None)
     for row_id, prompt, completions, margin in items:
-        prompt_ids, completion_ids = renderer.encode(prompt, completions)
+        prompt_ids, completion_ids, masks = _encode(renderer, config, layout, prompt, completions)
         if any(len(c) == 0 for c in completion_ids):
             empty.append(row_id)
             continue
-        prompt_ids, completion_ids, was_cut = truncate(prompt_ids, completion_ids, config.max_length, config.max_prompt_length)
+        full = [len(c) for c in completion_ids]
+        prompt_ids, completion_ids, was_cut = truncate(
+            prompt_ids, completion_ids, config.max_length, config.max_prompt_length, mode
+        )
+        if masks is not None:  # the completions were cut at their end, or (keep_end) at their start
+            masks = [m[n - len(c) :] if mode == "keep_end" else m[: len(c)]
+                     for m, n, c in zip(masks, full, completion_ids)]
         cut += was_cut
-        if any(len(c) == 0 for c in completion_ids):
+        if any(len(c) == 0 for c in completion_ids) or (masks is not None and not any(any(m) for m in masks)):
             empty.append(row_id)
             continue
-        examples.append(Example(len(examples), prompt_ids, completion_ids, margin, str(row_id)))
+        examples.append(Example(len(examples), prompt_ids, completion_ids, margin, str(row_id), masks))
     if empty:
         notes.append(f"{split}: skipped {len(empty)} row(s) with an empty completion: {empty[:5]}")
     if cut:
-        notes.append(f"{split}: cut {cut} prompt(s) from the left to fit max_prompt_length / max_length")
+        how = {None: "the prompt cut from the left first", "keep_start": "keep_start", "keep_end": "keep_end"}[mode]
+        notes.append(f"{split}: cut {cut} row(s) to fit max_prompt_length / max_length ({how})")
     return examples
 
 
 def build_splits(config, tokenizer, task: str, listwise: bool = False) -> Splits:
     """Load, check, render, tokenize, truncate and split the dataset named by `config.dataset_name`."""
-    train_rows, test_rows = load_rows(config.dataset_name, config.dataset_train_split, config.dataset_test_split)
+    train_rows, test_rows = load_rows(
+        config.dataset_name, config.dataset_train_split, config.dataset_test_split, config.dataset_config
+    )
     if not train_rows:
         raise ValueError(f"dataset {config.dataset_name} holds no training rows")
     layout = check_columns(train_rows, task, listwise, config.dataset_name)
@@ -400,8 +450,13 @@ def build_splits(config, tokenizer, task: str, listwise: bool = False) -> Splits
     if config.max_eval_samples:
         test_items = test_items[: config.max_eval_samples]
     renderer = Renderer(tokenizer)
-    train = _tokenize(train_items, renderer, config, "train", notes)
-    test = _tokenize(test_items, renderer, config, "eval", notes)
+    if getattr(config, "assistant_only_loss", False) and layout != "messages":
+        raise ValueError(
+            f"--assistant_only_loss needs conversational `messages` rows; dataset {config.dataset_name} has "
+            f"{layout!r} rows"
+        )
+    train = _tokenize(train_items, renderer, config, "train", notes, layout)
+    test = _tokenize(test_items, renderer, config, "eval", notes, layout)
     if not train:
         raise ValueError(f"no usable training rows in {config.dataset_name} (see: {'; '.join(notes)})")
     return Splits(train, test, notes)
@@ -419,20 +474,26 @@ def collate(
     the smallest K in the batch (the best responses kept).
     """
     k = min(len(ex.completions) for ex in examples)
+    def mask(ex, j):
+        return ex.masks[j] if ex.masks is not None else None
+
     if listwise:
-        seqs = [(ex.prompt, ex.completions[j]) for ex in examples for j in range(k)]
+        seqs = [(ex.prompt, ex.completions[j], mask(ex, j)) for ex in examples for j in range(k)]
     else:
-        seqs = [(ex.prompt, ex.completions[j]) for j in range(k) for ex in examples]
-    length = max(len(p) + len(c) for p, c in seqs)
+        seqs = [(ex.prompt, ex.completions[j], mask(ex, j)) for j in range(k) for ex in examples]
+    length = max(len(p) + len(c) for p, c, _ in seqs)
     input_ids = torch.full((len(seqs), length), pad_id, dtype=torch.long)
     labels = torch.full((len(seqs), length), IGNORE_INDEX, dtype=torch.long)
     attention_mask = torch.zeros((len(seqs), length), dtype=torch.long)
-    for row, (prompt, completion) in enumerate(seqs):
+    for row, (prompt, completion, scored) in enumerate(seqs):
         ids = prompt + completion
         input_ids[row, : len(ids)] = torch.tensor(ids)
         attention_mask[row, : len(ids)] = 1
         start = len(prompt) if completion_only else 0
         labels[row, start : len(ids)] = input_ids[row, start : len(ids)]
+        if scored is not None:
+            unscored = torch.tensor([not s for s in scored], dtype=torch.bool)
+            labels[row, len(prompt) : len(ids)][unscored] = IGNORE_INDEX
     batch = {
         "input_ids": input_ids,
         "attention_mask": attention_mask,

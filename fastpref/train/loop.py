@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from fastpref.train import checkpoint, distributed, metrics, modeling
+from fastpref.train import checkpoint, distributed, metrics, modeling, report
 from fastpref.train.config import LISTWISE_LOSSES, DPOConfig, SFTConfig, TrainConfig
 from fastpref.train.data import Splits, StepSampler, build_splits, collate, eval_batches
 
@@ -135,7 +135,7 @@ class Trainer:
         )
         if c.disable_dropout:
             modeling.disable_dropout(model)
-        if self.task != "rm":
+        if self.task != "reward":
             modeling.head_of(model)  # a clear error now for a model without a usable LM head
         self.splits: Splits = build_splits(c, self.tokenizer, self.task, self.listwise)
         if c.dataset_name == "hhh":
@@ -153,9 +153,15 @@ class Trainer:
                 self.ref_logps, hit, path = self._precompute(model)
                 log.info("reference log-probs: %s %s", "cache hit" if hit else "computed and cached in", path)
                 self.reference = {"kind": "precomputed", "cache": "hit" if hit else "miss", "path": str(path)}
+            elif c.use_peft:
+                self.reference = {"kind": "adapters disabled"}  # the base model, as TRL: no second copy
             else:
                 self.ref_model = modeling.frozen_copy(model)
                 self.reference = {"kind": "live"}
+        if c.use_peft:
+            from fastpref.train import lora
+
+            model = lora.apply(model, c, self.task)
         if c.gradient_checkpointing:
             if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x
                 model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
@@ -163,7 +169,7 @@ class Trainer:
                 model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             model.config.use_cache = False
         self.model = model
-        self.module = modeling.MODULES[self.task](model, c)
+        self.module = modeling.MODULES[self.task](model.get_base_model() if c.use_peft else model, c)
         self.module.train()
         self.wrapped = distributed.wrap(self.module, dist, c.fsdp)
 
@@ -177,11 +183,16 @@ class Trainer:
                                    c.gradient_accumulation_steps, c.seed)
         spe = self.sampler.steps_per_epoch
         self.total_steps = c.max_steps if c.max_steps > 0 else max(1, math.ceil(c.num_train_epochs * spe))
-        warmup = c.warmup_steps or math.ceil(c.warmup_ratio * self.total_steps)
+        ratio = c.warmup_steps if 0 < c.warmup_steps < 1 else c.warmup_ratio  # warmup_steps < 1: a ratio (TRL)
+        warmup = int(c.warmup_steps) if c.warmup_steps >= 1 else math.ceil(ratio * self.total_steps)
         self.scheduler = get_scheduler(c.lr_scheduler_type, self.optimizer, num_warmup_steps=warmup,
                                        num_training_steps=self.total_steps)
         self.metrics_log = metrics.JsonLog(self.run_dir / "metrics.jsonl", dist.main)
+        if dist.main and report.check(c.report_to):
+            name = c.run_name or str(self.run_dir)
+            self.metrics_log.listeners.append(report.Reporter(c.report_to, self.run_dir, name, dataclasses.asdict(c)))
         self.global_step = 0
+        self.num_tokens = 0  # every process's attention-mask tokens trained on so far (TRL's num_tokens)
 
     # --- reference ---
 
@@ -199,15 +210,16 @@ class Trainer:
         if self.ref_logps is not None:
             ref = self.ref_logps[split][batch["index"].cpu()]
             batch["ref_chosen"], batch["ref_rejected"] = ref[:, 0].to(self.device), ref[:, 1].to(self.device)
-        elif self.ref_model is not None:
-            with torch.no_grad(), self.autocast():
-                ref = modeling.sequence_logps(self.ref_model, batch, ld_alpha=self.config.ld_alpha).float()
+        elif self.ref_model is not None or self.reference["kind"] == "adapters disabled":
+            adapters_off = self.model.disable_adapter() if self.ref_model is None else contextlib.nullcontext()
+            with torch.no_grad(), self.autocast(), adapters_off:
+                ref_model = self.ref_model if self.ref_model is not None else self.module.model
+                ref = modeling.sequence_logps(ref_model, batch, ld_alpha=self.config.ld_alpha).float()
             batch["ref_chosen"], batch["ref_rejected"] = ref.chunk(2)
         return batch
 
     def _batch(self, examples, indices, split):
-        batch = collate([examples[i] for i in indices], self.tokenizer.pad_token_id,
-                        completion_only=getattr(self.config, "completion_only_loss", True), listwise=self.listwise)
+        batch = collate([examples[i] for i in indices], self.tokenizer.pad_token_id, listwise=self.listwise)
         batch = {k: v.to(self.device) for k, v in batch.items()}
         return self._with_reference(batch, split)
 
@@ -216,7 +228,7 @@ class Trainer:
     def head_memory_report(self) -> dict | None:
         """Peak memory of the loss head alone (forward + backward) on one training batch, beside the
         textbook head's N x V logits + fp32 log_softmax computed from the same shapes."""
-        if self.task == "rm" or self.config.fsdp:
+        if self.task == "reward" or self.config.fsdp:
             return None
         examples = self.splits.train
         indices = self.sampler.micro_batches(0, 0)[0]
@@ -292,6 +304,7 @@ class Trainer:
             log.warning("resuming a %s-process checkpoint on %d processes: the data order differs",
                         state.get("world_size"), self.dist.world)
         self.global_step = state["global_step"]
+        self.num_tokens = state.get("num_tokens", 0)
         self.metrics_log.truncate(self.global_step)
         log.info("resumed from %s at step %d (epoch %.2f)", path, self.global_step, state.get("epoch", 0))
 
@@ -300,7 +313,8 @@ class Trainer:
         return {"global_step": self.global_step, "epoch": self.global_step / spe,
                 "data_position": {"epoch": self.global_step // spe, "batch": self.global_step % spe,
                                   "global_batch": self.sampler.global_batch, "seed": self.config.seed},
-                "total_steps": self.total_steps, "task": self.task, "model": self.start_model}
+                "total_steps": self.total_steps, "task": self.task, "model": self.start_model,
+                "num_tokens": self.num_tokens}
 
     def _save(self) -> None:
         checkpoint.save(self.run_dir, self.global_step, self.module, self.optimizer, self.scheduler, self._state(),
@@ -370,6 +384,7 @@ class Trainer:
                    desc=f"{self.task}", dynamic_ncols=True, file=sys.stdout)
         while self.global_step < self.total_steps:
             out, skipped = self._step()
+            self.num_tokens += int(dist.sum(torch.tensor(float(out["tokens"]))).item())
             self.global_step += 1
             bar.update(1)
             if skipped:
@@ -392,6 +407,7 @@ class Trainer:
                 row.update(window.reduce(dist))
                 row["grad_norm"] = sum(window_norms) / len(window_norms) if window_norms else None
                 row["learning_rate"] = self.scheduler.get_last_lr()[0]
+                row["num_tokens"] = self.num_tokens
                 tokens_per_s = dist.sum(torch.tensor(throughput.rate())).item()
                 row["tokens_per_second"] = round(tokens_per_s, 1)
                 row["peak_memory_mb"] = _round(metrics.peak_memory_mb(self.device))
@@ -418,6 +434,7 @@ class Trainer:
         summary.update(train_eval)
         summary["train_seconds"] = round(train_seconds, 1)
         summary["steps"] = self.global_step
+        self.metrics_log.close()
         if dist.main:
             (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
             if c.plot:

@@ -52,6 +52,11 @@ class JsonLog:
 
     def __init__(self, path: Path, enabled: bool):
         self.path, self.enabled = path, enabled
+        self.listeners = []  # objects with write(row) / close(): --report_to backends
+
+    def close(self) -> None:
+        for listener in self.listeners:
+            listener.close()
 
     def truncate(self, step: int) -> None:
         if not self.enabled or not self.path.exists():
@@ -65,6 +70,8 @@ class JsonLog:
             clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in row.items()}
             with self.path.open("a") as f:
                 f.write(json.dumps(clean) + "\n")
+            for listener in self.listeners:
+                listener.write(row)
 
 
 def read_jsonl(path: Path) -> list[dict]:

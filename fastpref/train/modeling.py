@@ -105,7 +105,7 @@ def _smollm2(task: str):
     config = loaded.config
     if hasattr(config, "quantization_config"):
         del config.quantization_config  # save_pretrained refuses GGUF-loaded models: rebuild plainly
-    if task == "rm":
+    if task == "reward":
         config.num_labels = 1
         model = AutoModelForSequenceClassification.from_config(config)
         model.load_state_dict(loaded.state_dict(), strict=False)
@@ -122,7 +122,7 @@ def _tiny_llama(task: str, seed: int):
     config = tiny_llama_config(len(tokenizer), tokenizer.eos_token_id)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        if task == "rm":
+        if task == "reward":
             config.num_labels = 1
             model = LlamaForSequenceClassification(config)
         else:
@@ -134,8 +134,7 @@ def _check_model_dir(path: Path) -> dict:
     config_file = path / "config.json"
     if not path.is_dir() or not config_file.exists():
         raise FileNotFoundError(
-            f"model {str(path)!r} is neither a local transformers model directory (with config.json) nor a preset "
-            f"{list(PRESETS)}; nothing is downloaded"
+            f"model {str(path)!r} is not a transformers model directory (it has no config.json)"
         )
     return json.loads(config_file.read_text())
 
@@ -163,10 +162,12 @@ def load_model_and_tokenizer(model_name: str, task: str, seed: int, tokenizer_na
     elif model_name == "smollm2-135m":
         model, tokenizer = _smollm2(task)
     else:
-        path = Path(model_name)
+        from fastpref.train.sources import model_folder
+
+        path = model_folder(model_name, PRESETS)
         raw = _check_model_dir(path)
         architectures = raw.get("architectures") or []
-        if task == "rm":
+        if task == "reward":
             if not any(a.endswith("ForSequenceClassification") for a in architectures):
                 log.info("reward model: a new scalar head on %s's decoder (its LM head is not used)", model_name)
             model = AutoModelForSequenceClassification.from_pretrained(
@@ -190,7 +191,7 @@ def load_model_and_tokenizer(model_name: str, task: str, seed: int, tokenizer_na
         tokenizer = AutoTokenizer.from_pretrained(tokenizer_name, local_files_only=True)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    if task == "rm" and model.config.pad_token_id is None:
+    if task == "reward" and model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     return model, tokenizer
 
@@ -251,6 +252,27 @@ def _pair_metrics(loss, chosen_rewards, rejected_rewards, chosen_logps, rejected
     }
 
 
+@torch.no_grad()
+def _token_metrics(hidden, weight, labels, head_kwargs) -> dict:
+    """TRL DPOTrainer's token statistics of a chosen-then-rejected batch: `entropy` over every completion
+    token, `logits/chosen` / `logits/rejected` (mean logit over the vocabulary, averaged over each side's
+    tokens), `mean_token_accuracy` (the target is the argmax) over the chosen tokens. One more forward
+    pass of the head (2 N H V flops, no gradient): the fused loss keeps no per-token statistics."""
+    kwargs = {k: (v.detach() if isinstance(v, torch.Tensor) else v) for k, v in head_kwargs.items()}
+    _, stats = fastpref.linear_token_logps(hidden.detach(), weight.detach(), labels, return_stats=True, **kwargs)
+    mask = labels != -100
+    chosen, rejected = mask.chunk(2)
+    logit_chosen, logit_rejected = stats.mean_logit.chunk(2)
+    top1_chosen = stats.is_top1.chunk(2)[0]
+    n_all, n_chosen, n_rejected = (m.sum().float() for m in (mask, chosen, rejected))
+    return {
+        "entropy": ((stats.entropy * mask).sum().float(), n_all),
+        "logits/chosen": ((logit_chosen * chosen).sum().float(), n_chosen),
+        "logits/rejected": ((logit_rejected * rejected).sum().float(), n_rejected),
+        "mean_token_accuracy": ((top1_chosen & chosen).sum().float(), n_chosen),
+    }
+
+
 class SFTModule(TaskModule):
     """Token-mean NLL of the completion tokens; TRL's SFT metrics `entropy` and `mean_token_accuracy`
     come from the same pass (`return_stats`)."""
@@ -308,7 +330,10 @@ class DPOModule(TaskModule):
                 memory_budget=c.memory_budget,
                 **head_kwargs,
             )
-            return out.loss, _pair_metrics(out.loss, out.chosen_rewards, out.rejected_rewards, out.chosen_logps, out.rejected_logps)
+            metrics = _pair_metrics(
+                out.loss, out.chosen_rewards, out.rejected_rewards, out.chosen_logps, out.rejected_logps
+            )
+            return out.loss, metrics | _token_metrics(hidden, weight, labels, head_kwargs)
         logps = fastpref.linear_sequence_logps(hidden, weight, labels, **head_kwargs)
         lengths = (labels != -100).sum(-1)
         chosen, rejected = logps.chunk(2)
@@ -328,7 +353,8 @@ class DPOModule(TaskModule):
             out = fastpref.orpo_loss(chosen, rejected, chosen_len, rejected_len, beta=c.beta)
         else:
             raise ValueError(f"unknown --loss {c.loss!r}")
-        return out.loss, _pair_metrics(out.loss, out.chosen_rewards, out.rejected_rewards, chosen, rejected)
+        metrics = _pair_metrics(out.loss, out.chosen_rewards, out.rejected_rewards, chosen, rejected)
+        return out.loss, metrics | _token_metrics(hidden, weight, labels, head_kwargs)
 
     def _listwise(self, batch):
         c = self.config
@@ -376,10 +402,13 @@ class RewardModule(TaskModule):
         metrics["accuracy"] = metrics["rewards/accuracies"]  # TRL RewardTrainer's names
         metrics["margin"] = metrics["rewards/margins"]
         metrics["mean_reward"] = (rewards.detach().sum() / 2, n)
+        one = torch.ones((), device=n.device)  # per micro-batch extremes, averaged over the window as TRL's
+        metrics["min_reward"] = (rewards.detach().min(), one)
+        metrics["max_reward"] = (rewards.detach().max(), one)
         return loss, metrics
 
 
-MODULES = {"sft": SFTModule, "dpo": DPOModule, "rm": RewardModule}
+MODULES = {"sft": SFTModule, "dpo": DPOModule, "reward": RewardModule}
 
 
 def frozen_copy(model: nn.Module) -> nn.Module:
