@@ -96,7 +96,7 @@ def max_differences(reference: list[dict], other: list[dict]) -> dict[str, float
     """metric -> max over steps of |reference - other| (the same metric names, timings left out)."""
     assert [sorted(e) for e in reference] == [sorted(e) for e in other], "the logged metric names differ"
     out = {}
-    for a, b in zip(reference, other):
+    for a, b in zip(reference, other, strict=True):
         for key, value in a.items():
             if isinstance(value, float) and key not in TIMING_KEYS:
                 out[key] = max(out.get(key, 0.0), abs(value - b[key]))
