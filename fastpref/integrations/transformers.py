@@ -2,9 +2,10 @@
 `get_output_embeddings()` gives the head, and fastpref turns them into log-probs and the DPO
 family of losses without materialising the (tokens × vocab) logits.
 
-The head boundary is `fastpref.train.modeling`'s (decoder lookup, head weight and bias, Gemma-2's
-`final_logit_softcapping` as `softcap`, Cohere / Granite logit scales as a temperature), so the
-training loop and these functions agree on every family (tested: Llama, Qwen2, Gemma-2, GPT-2).
+The head boundary is `fastpref.model_head`'s (decoder lookup, head weight and bias, the text config's
+`final_logit_softcapping` as `softcap` and the families' logit scales as `logit_scale`), so the training
+loop, the TRL patch and these functions agree on every family (tested: Llama, Qwen2, Gemma-2, GPT-2,
+Cohere, Granite, Falcon-H1, HyperCLOVA X, MiniCPM3, a vision-language model's text part).
 
 Labels follow transformers' convention: aligned with `input_ids` (labels[:, t] is the token at t,
 -100 where not scored); the shift (hidden[:, :-1] scores labels[:, 1:]) happens here.
@@ -16,7 +17,7 @@ import torch
 
 import fastpref
 from fastpref._checks import check_choice, check_shape, check_tensor
-from fastpref.train.modeling import head_of, hidden_states
+from fastpref.model_head import head_of, hidden_states
 
 
 def _head_inputs(model, input_ids, attention_mask, labels):
@@ -34,7 +35,7 @@ def _head_inputs(model, input_ids, attention_mask, labels):
     hidden = hidden_states(model, input_ids, attention_mask)
     weight = head.weight.to(hidden.dtype)
     bias = None if head.bias is None else head.bias.to(hidden.dtype)
-    kwargs = dict(bias=bias, softcap=head.softcap, temperature=head.temperature)
+    kwargs = dict(bias=bias, softcap=head.softcap, logit_scale=head.logit_scale)
     return hidden, weight, labels[:, 1:], kwargs
 
 
@@ -58,9 +59,9 @@ def dpo_loss(model, input_ids, attention_mask, labels, ref_chosen_logps, ref_rej
     losses. `dpo_options` are `linear_dpo_loss`'s (beta, loss_type, label_smoothing, ...).
     Returns `PreferenceOutput(loss, chosen_rewards, rejected_rewards, chosen_logps, rejected_logps)`.
     """
-    for name in ("bias", "softcap", "temperature"):
+    for name in ("bias", "softcap", "logit_scale", "temperature"):
         if name in dpo_options:
-            raise ValueError(f"{name} comes from the model's head and config; do not pass it to dpo_loss")
+            raise ValueError(f"{name} comes from the model (its head and config); do not pass it to dpo_loss")
     hidden, weight, shifted, kwargs = _head_inputs(model, input_ids, attention_mask, labels)
     return fastpref.linear_dpo_loss(
         hidden, weight, shifted, ref_chosen_logps, ref_rejected_logps, **kwargs, **dpo_options

@@ -1,10 +1,8 @@
-"""Models and the head boundary.
+"""Models, and the task modules on the head boundary (`fastpref.model_head`).
 
-Only the head is patched: the model's decoder (`get_decoder()`, else `base_model`) gives hidden
-states, the LM head's weight and bias come from `get_output_embeddings()`, positions are shifted here
-(hidden[:, :-1] scores labels[:, 1:]), and fastpref turns them into log-probs and losses: the
-(tokens x vocab) logits are never materialised. Gemma-2's `final_logit_softcapping` becomes `softcap`;
-Cohere's `logit_scale` and Granite's `logits_scaling` become a temperature.
+Only the head is patched: the model's decoder gives hidden states, `fastpref.model_head` the LM head's
+weight, bias and logit settings, and fastpref turns them into log-probs and losses: the
+(tokens x vocab) logits are never materialised.
 
 The modules below wrap a transformers model so that one `forward(batch)` computes a task's loss and
 its metrics: that is what DDP / FSDP wrap, so their hooks see the whole step.
@@ -17,7 +15,6 @@ import json
 import logging
 import shutil
 import tempfile
-from dataclasses import dataclass
 from importlib.util import find_spec
 from pathlib import Path
 
@@ -26,6 +23,7 @@ from torch import nn
 
 import fastpref
 from fastpref.losses import ld_token_weights
+from fastpref.model_head import Head, decoder_of, head_of, hidden_states
 
 log = logging.getLogger("fastpref.train")
 
@@ -204,54 +202,6 @@ def disable_dropout(model: nn.Module) -> None:
             module.p = 0.0
 
 
-# --- the head boundary ---
-
-
-@dataclass(frozen=True)
-class Head:
-    """The LM head as fastpref needs it."""
-
-    weight: torch.Tensor
-    bias: torch.Tensor | None
-    softcap: float | None
-    temperature: float
-
-
-def decoder_of(model: nn.Module) -> nn.Module:
-    """The transformer body that returns hidden states, robustly across Llama / Qwen2 / Gemma-2 / GPT-2."""
-    getter = getattr(model, "get_decoder", None)
-    decoder = getter() if callable(getter) else None
-    if decoder is None or decoder is model:
-        decoder = getattr(model, "base_model", None)
-    if decoder is None or decoder is model:
-        raise ValueError(f"cannot find the decoder of {type(model).__name__} (get_decoder() / base_model)")
-    return decoder
-
-
-def head_of(model: nn.Module) -> Head:
-    head = model.get_output_embeddings()
-    if head is None or not isinstance(getattr(head, "weight", None), torch.Tensor) or head.weight.dim() != 2:
-        raise ValueError(
-            f"{type(model).__name__} has no linear LM head (get_output_embeddings() gave {type(head).__name__}); "
-            "fastpref needs a causal LM whose head is a (vocab, hidden) matrix"
-        )
-    config = model.config
-    softcap = getattr(config, "final_logit_softcapping", None)
-    temperature = 1.0
-    if getattr(config, "logit_scale", None):  # Cohere: z * scale
-        temperature = 1.0 / float(config.logit_scale)
-    if getattr(config, "logits_scaling", None):  # Granite: z / scaling
-        temperature = float(config.logits_scaling)
-    return Head(head.weight, getattr(head, "bias", None), float(softcap) if softcap else None, temperature)
-
-
-def hidden_states(model: nn.Module, input_ids, attention_mask) -> torch.Tensor:
-    """(M, T, H) last hidden states, shifted: position t predicts token t+1, so (M, T-1, H)."""
-    out = decoder_of(model)(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
-    hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
-    return hidden[:, :-1]
-
-
 def _weights_like(head: Head, hidden: torch.Tensor):
     weight = head.weight.to(hidden.dtype)
     bias = None if head.bias is None else head.bias.to(hidden.dtype)
@@ -264,7 +214,7 @@ def sequence_logps(model, batch, *, ld_alpha=None) -> torch.Tensor:
     hidden = hidden_states(model, batch["input_ids"], batch["attention_mask"])
     labels = batch["labels"][:, 1:]
     weight, bias = _weights_like(head, hidden)
-    kwargs = dict(bias=bias, softcap=head.softcap, temperature=head.temperature)
+    kwargs = dict(bias=bias, softcap=head.softcap, logit_scale=head.logit_scale)
     if ld_alpha is None:
         return fastpref.linear_sequence_logps(hidden, weight, labels, **kwargs)
     per_token = fastpref.linear_token_logps(hidden, weight, labels, **kwargs)
@@ -333,7 +283,7 @@ class SFTModule(TaskModule):
         labels = batch["labels"][:, 1:]
         weight, bias = _weights_like(head, hidden)
         logps, stats = fastpref.linear_token_logps(
-            hidden, weight, labels, bias=bias, softcap=head.softcap, temperature=head.temperature, return_stats=True
+            hidden, weight, labels, bias=bias, softcap=head.softcap, logit_scale=head.logit_scale, return_stats=True
         )
         mask = labels != -100
         tokens = mask.sum()
@@ -359,7 +309,7 @@ class DPOModule(TaskModule):
         hidden = hidden_states(self.model, batch["input_ids"], batch["attention_mask"])
         labels = batch["labels"][:, 1:]
         weight, bias = _weights_like(head, hidden)
-        head_kwargs = dict(bias=bias, softcap=head.softcap, temperature=head.temperature)
+        head_kwargs = dict(bias=bias, softcap=head.softcap, logit_scale=head.logit_scale)
         if c.loss == "dpo":
             out = fastpref.linear_dpo_loss(
                 hidden,
@@ -414,7 +364,7 @@ class DPOModule(TaskModule):
         labels = batch["labels"][:, 1:]
         weight, bias = _weights_like(head, hidden)
         logps = fastpref.linear_sequence_logps(
-            hidden, weight, labels, bias=bias, softcap=head.softcap, temperature=head.temperature
+            hidden, weight, labels, bias=bias, softcap=head.softcap, logit_scale=head.logit_scale
         ).view(-1, k)
         lengths = (labels != -100).sum(-1).view(-1, k)
         if c.loss == "rrhf":
