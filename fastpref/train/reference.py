@@ -60,7 +60,7 @@ def cache_key(model, splits: Splits, tokenizer, ld_alpha, autocast_dtype: torch.
         "model": model_fingerprint(model),
         "data": splits.fingerprint(),
         "tokenizer": [type(tokenizer).__name__, len(tokenizer), getattr(tokenizer, "chat_template", None)],
-        "head": [head.softcap, head.temperature, head.logit_scale],
+        "head": [head.softcap, head.logit_scale],
         "ld_alpha": ld_alpha,
         "autocast": str(autocast_dtype),
         "device": head.weight.device.type,
