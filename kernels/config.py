@@ -11,9 +11,11 @@ import os
 import triton
 
 INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
-MAX_BLOCK_V = 16384 if INTERPRETING else 4096
+# Which block configs the launchers pick: the interpreter's, or the GPU's. The compile gate runs the
+# library under the interpreter with the GPU's configs, to record what a GPU launch looks like.
+interpreter_configs = INTERPRETING
 
 
 def block_v_for(vocab_size: int) -> int:
     """Vocab columns one program handles per loop step."""
-    return min(MAX_BLOCK_V, triton.next_power_of_2(vocab_size))
+    return min(16384 if interpreter_configs else 4096, triton.next_power_of_2(vocab_size))
