@@ -25,7 +25,7 @@ import triton.language as tl
 from fastpref.kernels.config import block_v_for
 from fastpref.params import HeadParams
 
-NEG = -1e30  # a finite "minus infinity": tl.where evaluates both branches, and -inf - -inf is NaN
+NEG = tl.constexpr(-1e30)  # a finite "minus infinity": tl.where evaluates both branches, and -inf - -inf is NaN
 
 
 @triton.jit
