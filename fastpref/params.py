@@ -14,6 +14,7 @@ class HeadParams:
     temperature: float = 1.0
     softcap: float | None = None
     tile_bytes: int | None = None  # bytes of one fp32 logits tile; None: the backend's default
+    logit_scale: float = 1.0  # multiplies the raw logits before the softcap (Cohere, Granite, Falcon-H1)
 
 
 # Names of the optional per-token statistics, in the order the ops return them (TRL's names).

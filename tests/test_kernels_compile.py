@@ -58,3 +58,25 @@ def test_gate_fails_on_errors_spills_and_unlaunched_kernels():
     assert unlaunched_kernels(records, {"fastpref.kernels.a:_k": 1, "fastpref.kernels.b:_j": 2}) == [
         "fastpref.kernels.b:_j"
     ]
+
+
+RAGGED_CHECK = """
+from fastpref.bench.kernels_compile import class_key
+tensor = lambda dtype: {"tensor": dtype, "offset": 0}
+def record(n_rows, T, label_stride_b, label_stride_t, V=128256):
+    args = [tensor("bfloat16"), T * V, V, 1, tensor("int64"), label_stride_b, label_stride_t,
+            tensor("float32"), tensor("float32"), tensor("float32"), n_rows, T, V, -100, 1.44, 1.0]
+    kwargs = {"num_warps": 4, "HAS_SOFTCAP": False, "WITH_STATS": False, "BLOCK_ROWS": 1, "BLOCK_V": 4096}
+    return {"module": "fastpref.kernels.token_logps", "kernel": "_forward_kernel", "args": args, "kwargs": kwargs}
+assert class_key(record(4096, 1024, 1024, 1), 90) == class_key(record(4097, 1, 1025, 3), 90)
+assert class_key(record(4096, 1024, 1024, 1), 90) != class_key(record(4096, 1024, 1024, 1, V=50257), 90)
+"""
+
+
+def test_a_ragged_last_chunk_compiles_nothing_new():
+    """Row counts, T and label strides are not specialised on: a launch that differs in them alone
+    (a ragged last chunk, another sequence length) reuses the compiled kernel; the vocabulary's
+    divisibility does select another."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-c", RAGGED_CHECK], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
