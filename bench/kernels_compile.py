@@ -251,6 +251,12 @@ def failures(results: list[Result], unlaunched: list[str]) -> list[str]:
     return found
 
 
+def _arch(cc: int) -> str:
+    from triton.backends.nvidia.compiler import sm_arch_from_capability
+
+    return sm_arch_from_capability(cc)
+
+
 def _cell(value, fmt="{}"):
     return "—" if value is None else fmt.format(value)
 
@@ -262,9 +268,9 @@ def table(results: list[Result]) -> str:
     for r in results:
         rows.setdefault((r.kernel, r.variant), {})[r.cc] = r
     targets = sorted({r.cc for r in results})
-    head = " | ".join(f"sm_{cc} regs / spill B / smem B" for cc in targets)
+    head = " | ".join(f"{_arch(cc)} regs / spill B / smem B" for cc in targets)
     lines = [
-        f"| kernel | variant | launches | {head} | sm_{SASS_TARGET} loop | per 1,024 |",
+        f"| kernel | variant | launches | {head} | {_arch(SASS_TARGET)} loop | per 1,024 |",
         "|---|---|---|" + "---|" * len(targets) + "---|---|",
     ]
     for (kernel, variant), by_cc in rows.items():
@@ -298,7 +304,7 @@ def report(results: list[Result], unlaunched: list[str], n_launches: int, second
         f"{classes} structural classes × {len({r.cc for r in results})} targets: "
         f"{compiled} of {len(results)} compiled in {seconds:.0f} s.",
         "Per target: registers / spill bytes (stores + loads) / shared memory bytes (`ptxas -v`); for "
-        f"sm_{SASS_TARGET}a the SASS instructions of the inner loop and the warp instructions it issues per 1,024 "
+        f"{_arch(SASS_TARGET)} the SASS instructions of the inner loop and the warp instructions it issues per 1,024 "
         "elements (loop × warps × 1024 / elements per iteration; ~633 is what the HBM allows for bf16 at 3 TB/s "
         "on an H100). `=1`: ints Triton specialised to 1; `%16!=0`: ints not divisible by 16 (loads of those rows "
         "do not vectorise); `i64`: ints past int32.",
