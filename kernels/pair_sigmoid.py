@@ -15,6 +15,8 @@ import torch
 import triton
 import triton.language as tl
 
+from fastpref.kernels.launch import launch
+
 F_DIVERGENCE_IDS = {"reverse_kl": 0, "forward_kl": 1, "js_divergence": 2, "alpha_divergence": 3}
 BLOCK = 1024
 
@@ -43,7 +45,7 @@ def _score(u, alpha, F_DIVERGENCE: tl.constexpr):
         return u, tl.full(u.shape, 1.0, tl.float32)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_pairs"])  # a batch of another size runs the same code
 def _pair_sigmoid_kernel(
     chosen_ptr, rejected_ptr, ref_chosen_ptr, ref_rejected_ptr, margin_ptr,
     loss_ptr, grad_chosen_ptr, grad_rejected_ptr,
@@ -87,12 +89,14 @@ def pair_sigmoid(chosen, rejected, ref_chosen, ref_rejected, margin, *, scale, f
     losses = torch.empty(n_pairs, dtype=torch.float32, device=chosen.device)
     grad_chosen, grad_rejected = torch.empty_like(losses), torch.empty_like(losses)
     has_ref = ref_chosen is not None
-    _pair_sigmoid_kernel[(triton.cdiv(n_pairs, BLOCK),)](
+    launch(
+        _pair_sigmoid_kernel, (triton.cdiv(n_pairs, BLOCK),),
         chosen.contiguous(), rejected.contiguous(),
         ref_chosen.contiguous() if has_ref else chosen, ref_rejected.contiguous() if has_ref else rejected,
         margin.contiguous() if margin is not None else chosen,
         losses, grad_chosen, grad_rejected,
         n_pairs, float(scale), float(alpha), float(center_coef),
-        HAS_REF=has_ref, HAS_MARGIN=margin is not None, F_DIVERGENCE=F_DIVERGENCE_IDS[f_divergence], BLOCK=BLOCK,
+        num_warps=4, HAS_REF=has_ref, HAS_MARGIN=margin is not None, F_DIVERGENCE=F_DIVERGENCE_IDS[f_divergence],
+        BLOCK=BLOCK,
     )  # fmt: skip
     return losses, grad_chosen, grad_rejected
