@@ -12,7 +12,8 @@ Each (method, vocab) runs in a fresh process so peaks do not mix. It first runs 
 imports and one-time set-up raise the resident set too); then peak memory: the resident-set high-water mark
 of one full-size run above the resident set when it starts (VmHWM, reset through /proc/self/clear_refs), the
 first full-size run, as later ones could reuse memory the allocator kept and read low; then time: the
-median of --repeats more runs.
+median of --repeats more runs, wall clock and this process's CPU time (user + system: with one thread, the
+wall time an idle machine would show; on a shared machine the steadier of the two).
 Results: JSON lines appended to bench/results/cpu_memory.jsonl (tagged with the CPU, threads, torch and TRL
 versions) and a markdown table on stdout.
 
@@ -25,6 +26,7 @@ import argparse
 import dataclasses
 import datetime
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -74,7 +76,7 @@ def run_one(name: str, vocab: int, repeats: int, threads: int) -> dict:
     """Peak memory of the first full-size forward + backward, then the time of `repeats` more, in this process."""
     torch.set_num_threads(threads)
     run = method(name)
-    times, peak_mb = [], None
+    times, cpu_times, peak_mb = [], [], None
     with environment(run.env):
         tiny = setup(1024, seq_len=16)
         run.run(tiny).backward(tiny.upstream)
@@ -84,9 +86,10 @@ def run_one(name: str, vocab: int, repeats: int, threads: int) -> dict:
             x.hidden.grad = x.weight.grad = None
             base = _status_mb("VmRSS")
             _reset_peak()
-            start = time.perf_counter()
+            start, cpu_start = time.perf_counter(), time.process_time()
             run.run(x).backward(x.upstream)
             times.append(time.perf_counter() - start)
+            cpu_times.append(time.process_time() - cpu_start)
             if peak_mb is None:
                 peak_mb = _status_mb("VmHWM") - base
     return {
@@ -99,9 +102,11 @@ def run_one(name: str, vocab: int, repeats: int, threads: int) -> dict:
         "dtype": "float32",
         "p50_s": statistics.median(times[1:]),
         "min_s": min(times[1:]),
+        "p50_cpu_s": statistics.median(cpu_times[1:]),
         "peak_extra_mb": round(peak_mb, 1),
         "grads_mb": round((x.hidden.numel() + x.weight.numel()) * 4 / 2**20, 1),
         "threads": torch.get_num_threads(),
+        "load_avg": round(os.getloadavg()[0], 1),  # the machine's 1-minute load when the runs ended
         "cpu": machine.device_name(CPU),
         "torch": torch.__version__,
         "trl": peers.versions()["trl"],
@@ -111,14 +116,14 @@ def run_one(name: str, vocab: int, repeats: int, threads: int) -> dict:
 
 def markdown(rows: list[dict]) -> str:
     lines = [
-        "| V | method | fwd+bwd p50 (s) | vs textbook | peak extra (MB) | grads (MB) |",
-        "|---|---|---|---|---|---|",
+        "| V | method | fwd+bwd p50 (s) | CPU time p50 (s) | vs textbook (CPU time) | peak extra (MB) | grads (MB) |",
+        "|---|---|---|---|---|---|---|",
     ]
     for row in rows:
         base = next((r for r in rows if r["vocab"] == row["vocab"] and r["method"] == "textbook"), None)
-        ratio = f"{row['p50_s'] / base['p50_s']:.2f}x" if base else "—"
+        ratio = f"{row['p50_cpu_s'] / base['p50_cpu_s']:.2f}x" if base else "—"
         lines.append(
-            f"| {row['vocab']} | {row['method']} | {row['p50_s']:.2f} | {ratio} "
+            f"| {row['vocab']} | {row['method']} | {row['p50_s']:.2f} | {row['p50_cpu_s']:.2f} | {ratio} "
             f"| {row['peak_extra_mb']:.0f} | {row['grads_mb']:.0f} |"
         )
     return "\n".join(lines)
@@ -147,7 +152,8 @@ def main(argv: list[str] | None = None) -> None:
             out = subprocess.run([*cmd, "--threads", str(args.threads)], check=True, capture_output=True, text=True)
             rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
             row = rows[-1]
-            print(f"  {name} V={vocab}: {row['p50_s']:.2f} s, +{row['peak_extra_mb']:.0f} MB", file=sys.stderr)
+            print(f"  {name} V={vocab}: {row['p50_s']:.2f} s ({row['p50_cpu_s']:.2f} s CPU), "
+                  f"+{row['peak_extra_mb']:.0f} MB", file=sys.stderr)  # fmt: skip
     args.out.parent.mkdir(parents=True, exist_ok=True)
     with args.out.open("a") as f:
         for row in rows:
