@@ -20,3 +20,11 @@ demo: $(VENV)/.installed
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q
+
+# On a lent GPU machine (no network, no venv): install this checkout into its python3, then the GPU tests and the
+# benchmarks against the peers within 8 minutes (bench/gpu_check.py). GPU_WHEELS=dir: peer wheels to install first.
+GPU_PYTHON ?= python3
+.PHONY: gpu-check
+gpu-check:
+	$(GPU_PYTHON) -m pip install -q --no-deps --no-build-isolation -e .
+	$(GPU_PYTHON) -m fastpref.bench.gpu_check $(if $(GPU_WHEELS),--wheels $(GPU_WHEELS))

@@ -40,7 +40,8 @@ CPU_CONFIGS = (
     BenchConfig("cpu-softcap", seqs=8, seq_len=128, hidden=128, vocab=8192, softcap=30.0),
     BenchConfig("cpu-small", seqs=8, seq_len=256, hidden=256, vocab=16384, softcap=30.0),
 )
-CONFIGS = {c.name: c for c in MODEL_CONFIGS + CPU_CONFIGS}
+MICRO_CONFIG = BenchConfig("cpu-micro", seqs=4, seq_len=32, hidden=32, vocab=512)  # gpu_check --dry-run's plumbing
+CONFIGS = {c.name: c for c in (*MODEL_CONFIGS, *CPU_CONFIGS, MICRO_CONFIG)}
 QUICK_CONFIGS = ("cpu-tiny", "cpu-softcap")
 
 

@@ -4,13 +4,14 @@ Per method: fresh inputs; one fwd+bwd on a copy of them, checked against the hig
 reference (this first call also warms compile caches and autotuners); then per mode the time
 (p20/p50/p80 ms) and the peak extra memory. A method that cannot run here is skipped with a note.
 
-    python -m fastpref.bench [--quick] [--op logits|linear|all] [--configs ...] [--methods ...]
+    python -m fastpref.bench [--quick] [--op logits|linear|all] [--configs ...] [--methods ...] [--time-box S]
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import time
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -121,10 +122,12 @@ def run(
     device: torch.device,
     repeats: int,
     notes: dict[str, list[str]],
+    deadline: float | None = None,
 ) -> list[dict]:
     """Records of every (workload, config, method, mode); `notes` collects, per reason, where a
-    method was skipped (cannot run here) or failed (raised: its other runs and the other methods
-    go on, so one peer's kernel breaking on a machine does not lose the run)."""
+    method was skipped (cannot run here, or `deadline`, a time.monotonic() value, has passed) or
+    failed (raised: its other runs and the other methods go on, so one peer's kernel breaking on a
+    machine does not lose the run)."""
     from tqdm import tqdm
 
     plan = [(w, c, m) for c in configs for w in workloads for m in w.methods if m.name in method_names]
@@ -134,6 +137,8 @@ def run(
         for workload, config, method in bar:
             bar.set_postfix_str(f"{config.name} {workload.name} {method.name}")
             reason = method.unavailable(config, device)
+            if not reason and deadline is not None and time.monotonic() > deadline:
+                reason = "the time box (--time-box) was spent"
             if reason:
                 notes.setdefault(f"{method.name} ({workload.name}): skipped, {reason}", []).append(config.name)
                 continue
@@ -175,6 +180,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, help="CPU threads (1 gives steadier timings beside other work)")
     parser.add_argument("--out", type=Path, default=RESULTS, help="where <op>.jsonl and <op>.png go")
+    parser.add_argument(
+        "--time-box",
+        type=float,
+        metavar="SECONDS",
+        help="start no measurement after this many seconds of the run; those left are skipped with a note",
+    )
     return parser.parse_args(argv)
 
 
@@ -182,6 +193,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run, append the records to <out>/<op>.jsonl, print a markdown table per op, plot <out>/<op>.png.
     Exit status 1 when a method failed (the others' records are still written)."""
     args = parse_args(argv)
+    deadline = None if args.time_box is None else time.monotonic() + args.time_box
     device = torch.device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -195,7 +207,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     for op in ops:
         records = [
             {**record, **tags, "ceilings": ceilings}
-            for record in run(OPS[op], configs, args.methods, device, repeats, notes)
+            for record in run(OPS[op], configs, args.methods, device, repeats, notes, deadline)
         ]
         report.append_jsonl(records, args.out / f"{op}.jsonl")
         print(report.markdown(op, records, tags, ceilings))

@@ -8,8 +8,9 @@
 Work: the three GEMMs over the valid (unmasked) tokens, 2·n·H·V flops each (forward z = h·Wᵀ;
 backward dh = dz·W and dW = dzᵀ·h); their time alone is each mode's floor.
 Methods: the textbook head (h·Wᵀ -> fp32 log_softmax -> gather -> masked sum), fastpref on each
-backend, TRL's `ChunkedLogProbFunction`, Cut Cross-Entropy's `linear_cross_entropy` (CUDA only),
-and for the DPO step Liger's `LigerFusedLinearDPOLoss`.
+backend, TRL's `ChunkedLogProbFunction` (valid tokens only, as its trainers call it on a GPU),
+PyTorch's chunked `F.linear_cross_entropy` (torch >= 2.13), Cut Cross-Entropy's
+`linear_cross_entropy` (CUDA only), and for the DPO step Liger's `LigerFusedLinearDPOLoss`.
 """
 
 from __future__ import annotations
@@ -100,24 +101,32 @@ def fastpref_logps(x: LinearInputs) -> torch.Tensor:
 
 
 def trl_chunked_logps(x: LinearInputs) -> torch.Tensor:
-    """TRL 1.16's fused head called as its patched forward calls it: on CUDA (its Triton fold) only
-    the valid positions, elsewhere every position, in 32768-wide vocab tiles."""
-    from trl.kernels.chunked_logprob import ChunkedLogProbFunction, _use_triton
+    """TRL 1.16's fused head as `add_fused_lm_head` calls it on a GPU (its default outputs, log-probs
+    only): the valid positions alone, in 32768-wide vocab tiles, scattered back into (B, T). On
+    a CPU the same call runs its torch fold (TRL's trainer would score every position there)."""
+    from trl.kernels.chunked_logprob import ChunkedLogProbFunction
     from trl.trainer.utils import _CHUNKED_LOGPROB_CHUNK_SIZE
 
     mask = x.labels != IGNORE_INDEX
-    compact = _use_triton(x.hidden.device)
-    hidden = x.hidden[mask] if compact else x.hidden.reshape(-1, x.hidden.shape[-1])
-    targets = x.labels[mask] if compact else x.labels.clamp(min=0).reshape(-1)
     logps = ChunkedLogProbFunction.apply(
-        hidden, x.weight, None, targets, 1.0, _CHUNKED_LOGPROB_CHUNK_SIZE, x.softcap, 1.0, ()
+        x.hidden[mask], x.weight, None, x.labels[mask], 1.0, _CHUNKED_LOGPROB_CHUNK_SIZE, x.softcap, 1.0, ("log_probs",)
     )[0]
-    per_token = (
-        logps.new_zeros(mask.shape).masked_scatter(mask, logps)
-        if compact
-        else logps.view(mask.shape).masked_fill(~mask, 0)
+    return logps.new_zeros(mask.shape).masked_scatter(mask, logps).sum(-1)
+
+
+def torch_lce_logps(x: LinearInputs) -> torch.Tensor:
+    """PyTorch's own `F.linear_cross_entropy` (torch >= 2.13), its chunked path with default options,
+    per token, called as on any (B, T) batch: every position, masked ones by ignore_index."""
+    B, T, H = x.hidden.shape
+    nll = F.linear_cross_entropy(
+        x.hidden.reshape(B * T, H),
+        x.weight,
+        x.labels.reshape(B * T),
+        reduction="none",
+        ignore_index=IGNORE_INDEX,
+        options=torch.nn.LinearCrossEntropyOptions(),
     )
-    return per_token.sum(-1)
+    return -nll.view(B, T).sum(-1, dtype=torch.float32)
 
 
 def cce_logps(x: LinearInputs) -> torch.Tensor:
@@ -158,11 +167,18 @@ def no_softcap(config: BenchConfig, device: torch.device) -> str | None:
     return None if config.softcap is None else "takes no logit softcap"
 
 
+def torch_lce_missing(config: BenchConfig, device: torch.device) -> str | None:
+    if hasattr(F, "linear_cross_entropy"):
+        return None
+    return f"torch {torch.__version__} has no F.linear_cross_entropy (torch >= 2.13)"
+
+
 FASTPREF_TORCH = {"FASTPREF_BACKEND": "torch"}
 FASTPREF_TRITON = {"FASTPREF_BACKEND": "triton"}
 TRITON_CUDA = cuda_only("Triton kernels; a CPU only interprets them")
 TRL = peers.needs("trl.trainer.utils")
 CCE = first_reason(peers.needs("cut_cross_entropy"), cuda_only("CCE's kernels are Triton"))
+TORCH_LCE = first_reason(torch_lce_missing, no_softcap)
 
 LOGPS_METHODS = (
     Method("textbook", textbook_logps),
@@ -170,6 +186,7 @@ LOGPS_METHODS = (
     Method("fastpref-triton", fastpref_logps, unavailable=TRITON_CUDA, env=FASTPREF_TRITON),
     Method("trl", trl_chunked_logps, unavailable=TRL),
     Method("cce", cce_logps, unavailable=CCE),
+    Method("torch-lce", torch_lce_logps, unavailable=TORCH_LCE),
 )
 DPO_METHODS = (
     Method("textbook", via_logps(textbook_logps)),
@@ -183,6 +200,7 @@ DPO_METHODS = (
         uses_ref_logps=False,
     ),
     Method("cce", via_logps(cce_logps), unavailable=CCE),
+    Method("torch-lce", via_logps(torch_lce_logps), unavailable=TORCH_LCE),
 )
 
 

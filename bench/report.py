@@ -13,7 +13,7 @@ def append_jsonl(records: Sequence[dict], path: Path) -> None:
             f.write(json.dumps(record) + "\n")
 
 
-def _num(value: float) -> str:
+def number(value: float) -> str:
     """3 significant digits, without an exponent below 1e6."""
     return f"{value:.3g}" if value < 1000 else f"{value:.0f}"
 
@@ -21,8 +21,8 @@ def _num(value: float) -> str:
 def _throughput(record: dict, ceilings: dict) -> tuple[str, str]:
     """("1234 GB/s", "56% of copy") or ("12.3 TFLOP/s", "45% of GEMM")."""
     if "gbps" in record:
-        return f"{_num(record['gbps'])} GB/s", f"{record['gbps'] / ceilings['copy_gbps']:.0%} of copy"
-    return f"{_num(record['tflops'])} TFLOP/s", f"{record['tflops'] / ceilings['gemm_tflops']:.0%} of GEMM"
+        return f"{number(record['gbps'])} GB/s", f"{record['gbps'] / ceilings['copy_gbps']:.0%} of copy"
+    return f"{number(record['tflops'])} TFLOP/s", f"{record['tflops'] / ceilings['gemm_tflops']:.0%} of GEMM"
 
 
 def markdown(op: str, records: Sequence[dict], tags: dict, ceilings: dict) -> str:
@@ -33,8 +33,8 @@ def markdown(op: str, records: Sequence[dict], tags: dict, ceilings: dict) -> st
             f"torch {tags['torch']}, triton {tags['triton']}, {tags['timestamp']}"
         ),
         "",
-        f"Ceilings: copy {_num(ceilings['copy_gbps'])} GB/s, {ceilings['gemm_dtype']} GEMM "
-        f"{_num(ceilings['gemm_tflops'])} TFLOP/s. Peers: "
+        f"Ceilings: copy {number(ceilings['copy_gbps'])} GB/s, {ceilings['gemm_dtype']} GEMM "
+        f"{number(ceilings['gemm_tflops'])} TFLOP/s. Peers: "
         + ", ".join(f"{name} {version or 'absent'}" for name, version in tags["peers"].items()),
         "",
         (
@@ -47,8 +47,8 @@ def markdown(op: str, records: Sequence[dict], tags: dict, ceilings: dict) -> st
         rate, share = _throughput(r, ceilings)
         floor = f"{r['p50_ms'] / r['floor_ms']:.2f}×" if r["floor_ms"] else "—"
         lines.append(
-            f"| {r['config']} | {r['workload']} | {r['mode']} | {r['method']} | {_num(r['p50_ms'])} "
-            f"| {_num(r['p20_ms'])}–{_num(r['p80_ms'])} | {_num(r['peak_extra_mb'])} | {rate} | {share} | {floor} "
-            f"| {r['grad_error']:.1e} |"
+            f"| {r['config']} | {r['workload']} | {r['mode']} | {r['method']} | {number(r['p50_ms'])} "
+            f"| {number(r['p20_ms'])}–{number(r['p80_ms'])} | {number(r['peak_extra_mb'])} | {rate} | {share} "
+            f"| {floor} | {r['grad_error']:.1e} |"
         )
     return "\n".join(lines) + "\n"

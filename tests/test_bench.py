@@ -1,16 +1,19 @@
 """The benchmark harness end to end on the smallest CPU shape: the records it appends, the errors
-it measures, the plot; a wrong gradient is caught; a missing peer is skipped with a note, a failing
-method noted while the others run."""
+it measures, the plot; every method that runs here matches the reference; a wrong gradient is
+caught; a missing peer is skipped with a note, a failing method noted while the others run, the
+time box honoured; `cpu_memory.py`'s runs; `make gpu-check`'s plumbing (--dry-run)."""
 
 import dataclasses
 import json
 import sys
+import time
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from fastpref import bench
-from fastpref.bench import harness, linear, logits
+from fastpref.bench import cpu_memory, gpu_check, harness, linear, logits
 from fastpref.bench.configs import CONFIGS
 from fastpref.bench.workload import Method
 
@@ -98,3 +101,110 @@ def test_a_failing_method_is_noted_and_the_others_still_run():
     records = harness.run([workload], [TINY], ["broken", "textbook"], CPU, repeats=1, notes=notes)
     assert {r["method"] for r in records} == {"textbook"}
     assert notes == {"broken (sequence_logps): FAILED, RuntimeError: kernel launch failed": ["cpu-tiny"]}
+
+
+ALL_METHODS = [(w, m) for workloads in harness.OPS.values() for w in workloads for m in w.methods]
+
+
+@pytest.mark.parametrize("workload, method", ALL_METHODS, ids=[f"{w.name}-{m.name}" for w, m in ALL_METHODS])
+def test_every_method_that_runs_here_matches_the_reference(workload, method):
+    """Values and gradients (non-uniform upstream) of each method against the fp64 textbook, on the
+    softcap shape where the method takes a softcap, else on the plain one."""
+    config = next((c for c in (CONFIGS["cpu-softcap"], TINY) if not method.unavailable(c, CPU)), None)
+    if config is None:
+        pytest.skip(method.unavailable(TINY, CPU))
+    with harness.environment(method.env):
+        errors = harness.check_accuracy(workload, method, workload.setup(config, CPU))
+    assert errors["value_error"] < 1e-5 and errors["grad_error"] < 1e-5, errors
+
+
+def test_trl_head_scores_only_the_valid_tokens(monkeypatch):
+    """TRL's head is called as its trainers call it on a GPU: the valid positions alone."""
+    pytest.importorskip("trl.trainer.utils")
+    from trl.kernels.chunked_logprob import ChunkedLogProbFunction
+
+    rows = []
+    apply = ChunkedLogProbFunction.apply
+    monkeypatch.setattr(ChunkedLogProbFunction, "apply", lambda h, *rest: rows.append(len(h)) or apply(h, *rest))
+    x = linear.setup_logps(TINY, CPU)
+    linear.trl_chunked_logps(x)
+    assert rows == [x.valid_tokens] and x.valid_tokens < x.labels.numel()
+
+
+def test_torch_linear_cross_entropy_says_why_it_cannot_run(monkeypatch):
+    torch_lce = next(m for m in linear.LOGPS_METHODS if m.name == "torch-lce")
+    assert torch_lce.unavailable(TINY, CPU) is None
+    assert torch_lce.unavailable(CONFIGS["cpu-softcap"], CPU) == "takes no logit softcap"
+    monkeypatch.delattr(F, "linear_cross_entropy")
+    assert "has no F.linear_cross_entropy" in torch_lce.unavailable(TINY, CPU)
+
+
+def test_a_spent_time_box_skips_what_is_left_with_a_note():
+    notes = {}
+    records = harness.run(logits.WORKLOADS, [TINY], ["textbook"], CPU, repeats=1, notes=notes, deadline=0.0)
+    assert records == []
+    assert notes == {"textbook (sequence_logps): skipped, the time box (--time-box) was spent": ["cpu-tiny"]}
+
+
+@pytest.mark.parametrize("method", cpu_memory.METHOD_NAMES)
+def test_cpu_memory_run(method):
+    """One cpu_memory.py run in this process, on a small vocabulary: its row and the markdown table."""
+    if cpu_memory.method(method).unavailable(cpu_memory.config(512), CPU):
+        pytest.skip(cpu_memory.method(method).unavailable(cpu_memory.config(512), CPU))
+    row = cpu_memory.run_one(method, 512, repeats=1, threads=1)
+    assert row["valid_tokens"] == 4096 * 3 // 4 and row["tokens"] == 4096 and row["vocab"] == 512
+    assert row["p50_s"] > 0 and row["p50_cpu_s"] > 0 and row["peak_extra_mb"] >= 0 and row["grads_mb"] == 9.0
+    assert row["torch"] == torch.__version__ and row["threads"] == 1 and row["cpu"]
+    assert f"| 512 | {method} |" in cpu_memory.markdown([row])
+
+
+def test_gpu_check_part_is_killed_at_its_budget():
+    sleep = "print('started', flush=True); import time; time.sleep(60)"
+    sleeper = gpu_check.Part("sleeper", [sys.executable, "-c", sleep], gpu_check.Budget(2))
+    start = time.monotonic()
+    outcome = gpu_check.run_part(sleeper)
+    assert time.monotonic() - start < 30
+    assert outcome.returncode is None and not outcome.ok and outcome.status == "KILLED at its 2 s budget"
+    assert outcome.output.startswith("started")
+
+
+def test_gpu_check_counts_tests_of_a_killed_run():
+    output = "\n".join(
+        ["tests/test_gpu.py::test_a[x] PASSED [ 10%]", "tests/test_gpu.py::test_b FAILED [ 20%]", "tests/test_gpu.py::"]
+    )
+    counts, failed = gpu_check.test_counts(output)
+    assert counts == {"passed": 1, "failed": 1} and failed == ["tests/test_gpu.py::test_b"]
+
+
+def test_gpu_check_dry_run(tmp_path):
+    """`make gpu-check`'s plumbing on this CPU: every part runs, the records land in --out, one summary."""
+    assert gpu_check.main(["--dry-run", "--out", str(tmp_path)]) == 0
+    text = (tmp_path / "gpu_check.md").read_text()
+    for part in ("| peers | — | 0 | not run: no --wheels", "| tests | ", "| logits | ", "| linear | "):
+        assert part in text, part
+    assert "tests/test_gpu.py: " in text and " skipped" in text
+    records = [json.loads(line) for op in gpu_check.OPS for line in (tmp_path / f"{op}.jsonl").read_text().splitlines()]
+    assert {r["config"] for r in records} == {"cpu-micro"}
+    assert {(r["op"], r["method"]) for r in records} >= {
+        ("logits", "textbook"), ("logits", "fastpref-torch"), ("linear", "fastpref-torch"), ("linear", "torch-lce")
+    }
+    rows = [line for line in text.splitlines() if line.startswith("| linear | cpu-micro | ")]
+    assert len(rows) == len({(r["workload"], r["method"]) for r in records if r["op"] == "linear"})
+    assert "- cce (linear_sequence_logps): skipped" in text
+    assert "===== linear: ok" in (tmp_path / "gpu_check.log").read_text()
+
+
+def test_gpu_check_summary_ratios():
+    """× TRL against TRL's record of the same shape; × floor against the GEMM floor (linear) or the
+    copy bandwidth (logits); fwd+bwd rows only."""
+    ceilings = {"copy_gbps": 100.0}
+    shape = {"config": "c", "workload": "w", "mode": "fwd+bwd", "peak_extra_mb": 1.0, "grad_error": 0.0}
+    records = [
+        {**shape, "op": "linear", "method": "trl", "p50_ms": 4.0, "floor_ms": 2.0},
+        {**shape, "op": "linear", "method": "fastpref-triton", "p50_ms": 3.0, "floor_ms": 2.0},
+        {**shape, "op": "linear", "method": "fastpref-triton", "p50_ms": 1.0, "floor_ms": 0.5, "mode": "fwd"},
+        {**shape, "op": "logits", "method": "textbook", "p50_ms": 9.0, "gbps": 25.0, "ceilings": ceilings},
+    ]
+    rows = [line.split(" | ") for line in gpu_check.results_table(records)[2:]]
+    assert [(r[3], r[6], r[7]) for r in rows] == [("trl", "1.00×", "2.00×"), ("fastpref-triton", "0.75×", "1.50×"),
+                                                  ("textbook", "—", "4.00×")]  # fmt: skip

@@ -1,15 +1,26 @@
-"""On a CUDA GPU: the compiled Triton kernels in bf16, judged by the comparative rule (STYLE.md):
+"""On a CUDA GPU, the compiled Triton kernels: in bf16, judged by the comparative rule (STYLE.md):
 fastpref's error vs the float64 truth may be no larger than the textbook bf16 path's own error,
-times COMPARATIVE_FACTOR, plus COMPARATIVE_FLOOR. Skipped without CUDA."""
+times COMPARATIVE_FACTOR, plus COMPARATIVE_FLOOR; in fp32 against float64 (gradients through
+leading dims no view can merge); a training step captured in a CUDA graph and replayed; a training
+step compiled by inductor. Skipped without CUDA, and under the Triton interpreter (tests/conftest.py
+turns it on by default; `make gpu-check` runs this file with TRITON_INTERPRET=0)."""
+
+import os
 
 import pytest
 import torch
 
 import fastpref
 import reference as ref
-from tolerances import COMPARATIVE_FACTOR, COMPARATIVE_FLOOR
+from assertions import assert_close
+from tolerances import COMPARATIVE_FACTOR, COMPARATIVE_FLOOR, VS_FP64
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+DEVICE = "cuda"
+INTERPRETED = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "yes", "on", "y")
+pytestmark = [
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+    pytest.mark.skipif(INTERPRETED, reason="TRITON_INTERPRET is on: the kernels would be interpreted, not compiled"),
+]
 
 
 def rel_error(got, want):
@@ -78,15 +89,116 @@ def test_linear_dpo_bf16(monkeypatch, loss_type):
         assert_no_worse(name, o, t, w)
 
 
-def test_compile_fullgraph_on_gpu(monkeypatch):
+@pytest.mark.parametrize("inplace", [False, True], ids=["out_of_place", "in_place"])
+def test_logits_grad_through_unmergeable_leading_dims(monkeypatch, inplace):
+    """4-D logits after transpose(0, 1): no view merges their leading dims (a reshape copies). The
+    gradient w.r.t. the untransposed leaf is the float64 reference's, out of place and in place."""
     monkeypatch.setenv("FASTPREF_BACKEND", "triton")
-    hidden = torch.randn(4, 64, 256, device="cuda", requires_grad=True)
-    weight = torch.randn(4096, 256, device="cuda", requires_grad=True)
-    labels = torch.randint(0, 4096, (4, 64), device="cuda")
+    vocab = 2053
+    base = (torch.randn(5, 3, 7, vocab, device=DEVICE) * 4).requires_grad_()
+    logits = base.transpose(0, 1)  # (3, 5, 7, V), strides (7V, 21V, V, 1)
+    labels = torch.randint(0, vocab, logits.shape[:-1], device=DEVICE)
+    labels[..., :2] = -100
+    upstream = torch.randn(labels.shape, device=DEVICE)
+    base64 = base.detach().double().requires_grad_()
+    truth = ref.token_logps(base64.transpose(0, 1), labels)
+    (truth_grad,) = torch.autograd.grad(truth, base64, upstream.double())
+    ours = fastpref.token_logps(logits, labels, inplace_backward=inplace)
+    (ours_grad,) = torch.autograd.grad(ours, base, upstream)
+    rtol, atol = VS_FP64[torch.float32]
+    assert_close(ours, truth, rtol=rtol, atol=atol, name="logps")
+    assert_close(ours_grad, truth_grad, rtol=rtol, atol=atol, name="grad")
 
-    def step(h, w):
-        return fastpref.sequence_logps(h @ w.T, labels).sum() + fastpref.linear_sequence_logps(h, w, labels).sum()
 
-    eager = step(hidden, weight)
-    compiled = torch.compile(step, fullgraph=True)(hidden, weight)
-    torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-3)
+GRAPH_SHAPE = {"pairs": 2, "positions": 64, "hidden_size": 128, "vocab": 1000}
+# Tolerance between a replayed graph and eager, both fp32 on the GPU: the same kernels, maybe other GEMM algorithms.
+REPLAY_TOLERANCE = {"rtol": 1e-4, "atol": 1e-5}
+
+
+def linear_batch(seed, pairs, positions, hidden_size, vocab):
+    """hidden (2P, T, H), labels (2P, T) with a prompt prefix masked (lengths differ per sequence and per
+    seed), ref_chosen and ref_rejected log-probs (P,): one batch of a DPO step, same shapes for every seed."""
+    rng = torch.Generator(DEVICE).manual_seed(seed)
+    hidden = torch.randn(2 * pairs, positions, hidden_size, device=DEVICE, generator=rng)
+    labels = torch.randint(0, vocab, (2 * pairs, positions), device=DEVICE, generator=rng)
+    prompt = torch.randint(1, positions // 2, (2 * pairs, 1), device=DEVICE, generator=rng)
+    labels = labels.masked_fill(torch.arange(positions, device=DEVICE) < prompt, -100)
+    ref_chosen, ref_rejected = -100 * torch.rand(2, pairs, device=DEVICE, generator=rng)
+    return hidden, labels, ref_chosen, ref_rejected
+
+
+def sequence_logps_step(hidden, weight, labels, ref_chosen, ref_rejected):
+    """A loss over linear_sequence_logps with a different weight per sequence (non-uniform upstream)."""
+    seq = fastpref.linear_sequence_logps(hidden, weight, labels)
+    return (seq * torch.linspace(-1.0, 2.0, seq.shape[0], device=seq.device)).sum()
+
+
+def dpo_step(hidden, weight, labels, ref_chosen, ref_rejected):
+    return fastpref.linear_dpo_loss(hidden, weight, labels, ref_chosen, ref_rejected, beta=0.1).loss
+
+
+@pytest.mark.parametrize("step", [sequence_logps_step, dpo_step], ids=["linear_sequence_logps", "linear_dpo_loss"])
+def test_cuda_graph_replays_a_training_step(monkeypatch, step):
+    """Forward and backward of a step captured in one CUDA graph (static shapes; a host sync would
+    fail the capture), replayed on two new batches with other masks: eager's loss and gradients."""
+    monkeypatch.setenv("FASTPREF_BACKEND", "triton")
+    weight = torch.randn(GRAPH_SHAPE["vocab"], GRAPH_SHAPE["hidden_size"], device=DEVICE)
+    weight = (weight / GRAPH_SHAPE["hidden_size"] ** 0.5).requires_grad_()
+    hidden, labels, ref_chosen, ref_rejected = linear_batch(0, **GRAPH_SHAPE)
+    hidden.requires_grad_()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # compiles the kernels, warms cuBLAS and the caching allocator
+        for _ in range(3):
+            hidden.grad = weight.grad = None
+            step(hidden, weight, labels, ref_chosen, ref_rejected).backward()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    hidden.grad = weight.grad = None  # the captured backward allocates them in the graph's pool
+    with torch.cuda.graph(graph):
+        loss = step(hidden, weight, labels, ref_chosen, ref_rejected)
+        loss.backward()
+    for seed in (1, 2):
+        batch = linear_batch(seed, **GRAPH_SHAPE)
+        with torch.no_grad():
+            for static, new in zip((hidden, labels, ref_chosen, ref_rejected), batch):
+                static.copy_(new)
+        graph.replay()
+        eager_hidden = batch[0].clone().requires_grad_()
+        eager_weight = weight.detach().clone().requires_grad_()
+        eager = step(eager_hidden, eager_weight, *batch[1:])
+        eager.backward()
+        assert_close(loss, eager, **REPLAY_TOLERANCE, name=f"loss, batch {seed}")
+        assert_close(hidden.grad, eager_hidden.grad, **REPLAY_TOLERANCE, name=f"grad hidden, batch {seed}")
+        assert_close(weight.grad, eager_weight.grad, **REPLAY_TOLERANCE, name=f"grad weight, batch {seed}")
+
+
+def logits_and_linear_step(hidden, weight, labels, ref_chosen, ref_rejected):
+    """The logits path (softcapped), the linear path and the DPO loss on its log-probs: custom ops only."""
+    seq = fastpref.sequence_logps(hidden @ weight.T, labels, softcap=30.0)
+    chosen, rejected = seq.chunk(2)
+    loss = fastpref.dpo_loss(chosen, rejected, ref_chosen, ref_rejected, beta=0.1).loss
+    return loss + fastpref.linear_sequence_logps(hidden, weight, labels, reduction="mean").square().mean()
+
+
+@pytest.mark.parametrize(
+    "step, fullgraph",
+    [(logits_and_linear_step, True), (dpo_step, False)],
+    ids=["logits_and_linear_fullgraph", "linear_dpo_loss"],
+)
+def test_inductor_compiles_a_training_step(monkeypatch, step, fullgraph):
+    """torch.compile with inductor of a training step: loss and gradients as eager's. The custom-op
+    step traces whole (fullgraph); linear_dpo_loss compiles as a user's step would (breaks allowed)."""
+    monkeypatch.setenv("FASTPREF_BACKEND", "triton")
+    torch._dynamo.reset()
+    hidden, labels, ref_chosen, ref_rejected = linear_batch(0, **GRAPH_SHAPE)
+    weight = torch.randn(GRAPH_SHAPE["vocab"], GRAPH_SHAPE["hidden_size"], device=DEVICE) / 8
+    leaves = (hidden.requires_grad_(), weight.requires_grad_())
+    eager = step(*leaves, labels, ref_chosen, ref_rejected)
+    eager_grads = torch.autograd.grad(eager, leaves)
+    compiled_step = torch.compile(step, backend="inductor", fullgraph=fullgraph)
+    compiled = compiled_step(*leaves, labels, ref_chosen, ref_rejected)
+    compiled_grads = torch.autograd.grad(compiled, leaves)
+    assert_close(compiled, eager, **REPLAY_TOLERANCE, name="loss")
+    for name, got, want in zip(("hidden", "weight"), compiled_grads, eager_grads):
+        assert_close(got, want, **REPLAY_TOLERANCE, name=f"grad {name}")
