@@ -84,19 +84,19 @@ def _labels(shape, vocab, generator):
 
 
 def _logits_path_calls(generator):
-    """token_logps forward (with / without stats) and backward (out of place, in place), for each
-    dtype, softcap and vocabulary class: small (several rows per program), odd (one masked block),
-    large (full blocks and a tail)."""
+    """token_logps forward (with / without stats) and backward (out of place, in place, through the
+    entropy too), for each dtype, softcap and vocabulary class: small (several rows per program), odd
+    (one masked block), large (full blocks and a tail)."""
     for dtype in (torch.bfloat16, torch.float16, torch.float32):
         for softcap in (None, 30.0):
             for vocab, rows in ((97, 5), (3001, 3), (8208, 2)):  # 8208 = 2·4096 + 16: as 128,256, a multiple of 16
                 logits = torch.randn(2, rows, vocab, generator=generator).to(dtype).requires_grad_()
                 labels = _labels((2, rows), vocab, generator)
                 upstream = torch.randn(2, rows, generator=generator)
-                for stats in (False, True):
-                    out = fastpref.token_logps(logits, labels, softcap=softcap, return_stats=stats)
-                    logps = out[0] if stats else out
-                    torch.autograd.grad(logps, logits, upstream)
+                logps = fastpref.token_logps(logits, labels, softcap=softcap)
+                torch.autograd.grad(logps, logits, upstream)
+                logps, stats = fastpref.token_logps(logits, labels, softcap=softcap, return_stats=True)
+                torch.autograd.grad((logps, stats.entropy), logits, (upstream, upstream))  # an entropy bonus
                 leaf = logits.detach().clone().requires_grad_()
                 logps = fastpref.token_logps(leaf * 1, labels, softcap=softcap, inplace_backward=True)
                 logps.backward(upstream)
@@ -108,8 +108,8 @@ def _linear_path_calls(generator):
         hidden = torch.randn(4, 6, 16, generator=generator).to(dtype).requires_grad_()
         weight = (torch.randn(3001, 16, generator=generator) / 4).to(dtype).requires_grad_()
         labels = _labels((4, 6), 3001, generator)
-        logps, _ = fastpref.linear_token_logps(hidden, weight, labels, return_stats=True, softcap=30.0)
-        logps.sum().backward()
+        logps, stats = fastpref.linear_token_logps(hidden, weight, labels, return_stats=True, softcap=30.0)
+        (logps.sum() + stats.entropy.sum()).backward()
         fastpref.linear_sequence_logps(hidden, weight, labels).sum().backward()
         refs = (-torch.rand(2, generator=generator) * 50, -torch.rand(2, generator=generator) * 50)
         for options in ({}, {"use_weighting": True}, {"loss_type": "aot"}):
