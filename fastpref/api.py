@@ -351,7 +351,9 @@ def linear_dpo_loss(
     if use_weighting and is_batch_coupled(loss_type):
         raise ValueError("use_weighting cannot be combined with loss_type 'aot' / 'aot_unpaired', which sort pairs")
     params = DPOParams(head, memory_budget, loss_options, ld_alpha, use_weighting)
-    return linear_dpo(hidden, weight, bias, labels, ref_chosen_logps, ref_rejected_logps, chosen_idx, rejected_idx, params)
+    return linear_dpo(
+        hidden, weight, bias, labels, ref_chosen_logps, ref_rejected_logps, chosen_idx, rejected_idx, params
+    )
 
 
 def _sigmoid_kernel_serves(tensor: torch.Tensor, *refs) -> bool:

@@ -223,7 +223,8 @@ def test_bad_input_names_the_argument(change, error, match):
 def test_reference_log_probs_that_require_grad_get_the_same_gradient_in_every_mode(path_log, mode):
     hidden, weight, bias, labels, ref_c, ref_r = make_batch(torch.float32)
     ref_c, ref_r = ref_c.clone().requires_grad_(), ref_r.clone().requires_grad_()
-    out = fastpref.linear_dpo_loss(hidden, weight, labels, ref_c, ref_r, bias=bias, memory_budget=MODES[mode](torch.float32))
+    budget = MODES[mode](torch.float32)
+    out = fastpref.linear_dpo_loss(hidden, weight, labels, ref_c, ref_r, bias=bias, memory_budget=budget)
     assert path_log["two_pass" if mode == "two_pass" else "chunks"] >= 1
     upstream = torch.tensor(0.7)
     got = torch.autograd.grad(out.loss, (ref_c, ref_r), upstream)

@@ -33,9 +33,9 @@ def _backend(t: torch.Tensor):
     return torch_chunked if t.dtype == torch.float64 else kernels
 
 
-def _entropy(entropy, grad_entropy) -> dict:
-    """The entropy keyword arguments of a backward, passed only when the entropy is differentiated."""
-    return {} if grad_entropy is None else {"entropy": entropy, "grad_entropy": grad_entropy}
+def _entropy(entropy, grad_entropy, r0: int = 0, r1: int | None = None) -> dict:
+    """The entropy keyword arguments of a backward (rows r0:r1), passed only when the entropy is differentiated."""
+    return {} if grad_entropy is None else {"entropy": entropy[r0:r1], "grad_entropy": grad_entropy[r0:r1]}
 
 
 def logits_forward(logits, labels, params: HeadParams, with_stats: bool):
@@ -45,7 +45,9 @@ def logits_forward(logits, labels, params: HeadParams, with_stats: bool):
     return kernels.logits_forward(logits, labels, params, with_stats)
 
 
-def logits_backward(logits, labels, lse, grad_logps, params: HeadParams, in_place=False, entropy=None, grad_entropy=None):
+def logits_backward(
+    logits, labels, lse, grad_logps, params: HeadParams, in_place=False, entropy=None, grad_entropy=None
+):
     backend = _backend(logits)
     return backend.logits_backward(logits, labels, lse, grad_logps, params, in_place, **_entropy(entropy, grad_entropy))
 
@@ -100,7 +102,9 @@ def backward_tiles(n_rows: int, n_vocab: int, itemsize: int, budget: int) -> tup
     return max(1, min(n_rows, budget // (cols * itemsize))), cols
 
 
-def linear_backward(hidden, weight, bias, labels, lse, grad_logps, params: HeadParams, needs, entropy=None, grad_entropy=None):
+def linear_backward(
+    hidden, weight, bias, labels, lse, grad_logps, params: HeadParams, needs, entropy=None, grad_entropy=None
+):
     """Gradients of Σ grad_logps·logps (+ Σ grad_entropy·entropy when given) w.r.t. (hidden, weight,
     bias); None where needs[i] is False."""
     if hidden.dtype == torch.float64:
@@ -127,7 +131,7 @@ def linear_backward(hidden, weight, bias, labels, lse, grad_logps, params: HeadP
         dw_slice = h.new_zeros(c1 - c0, n_hidden, dtype=torch.float32) if need_w and block < n else None
         for r0, r1 in spans(n, block):
             z = _logits(h[r0:r1], weight, bias, c0, c1)
-            ent = {} if grad_entropy is None else _entropy(entropy[r0:r1], grad_entropy[r0:r1])
+            ent = _entropy(entropy, grad_entropy, r0, r1)
             dz = kernels.logits_backward(z, y_local[r0:r1], lse[:, r0:r1], g[r0:r1], slice_params, True, **ent)
             if need_h:
                 accumulate_matmul_(dh_acc[r0:r1], dz, weight[c0:c1])  # dh += dz · W[slice]

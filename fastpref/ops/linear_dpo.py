@@ -137,7 +137,9 @@ class LinearDPO(torch.autograd.Function):
     therefore not itself differentiable (create_graph=True raises)."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, labels, ref_c, ref_r, chosen_idx, rejected_idx, params: DPOParams, host: Plan):
+    def forward(
+        ctx, hidden, weight, bias, labels, ref_c, ref_r, chosen_idx, rejected_idx, params: DPOParams, host: Plan
+    ):
         backend = backend_for(hidden)
         need_h, need_w, need_b, _, need_ref_c, need_ref_r = ctx.needs_input_grad[:6]
         cdt, head = compute_dtype(hidden.dtype), params.head
@@ -171,9 +173,9 @@ class LinearDPO(torch.autograd.Function):
                     if params.use_weighting:
                         dense_lss = log_sum_sq.new_zeros(lab.shape).index_put((i, t), log_sum_sq)
                         lss_c, lss_r = dense_lss[:b], dense_lss[b:]
+                    ref_values = [ref if leaf_ is None else leaf_ for ref, leaf_ in zip(refs, ref_leaves)]
                     chunk = pair_losses(
-                        dense[:b], dense[b:], lss_c, lss_r, lab[:b], lab[b:],
-                        *(ref if leaf_ is None else leaf_ for ref, leaf_ in zip(refs, ref_leaves)), params, batch_totals,
+                        dense[:b], dense[b:], lss_c, lss_r, lab[:b], lab[b:], *ref_values, params, batch_totals,
                     )  # fmt: skip
                     wrt = [leaf] + [r for r in ref_leaves if r is not None]
                     grads = torch.autograd.grad(chunk[0].sum() / n_pairs, wrt, materialize_grads=True)
