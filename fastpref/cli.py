@@ -119,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     if argv[0] == "--version":
         parser.parse_args(argv[:1])  # prints the version and exits 0
     if argv[0] == "bench":
-        from fastpref.bench import main as bench_main
+        from fastpref.bench.harness import main as bench_main
 
         return bench_main(argv[1:])
     if argv[0] == "score":
