@@ -134,9 +134,12 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"`fastpref train` needs a task: {', '.join(sorted(TASKS))}")
     task, options = argv[1], argv[2:]
     try:
+        from fastpref.requirements import check
+
+        check("train", "fastpref train")
         from fastpref.train.config import parse_config
-    except ImportError as e:  # pragma: no cover - depends on the install
-        print(f"fastpref train needs the `train` extra ({e}): pip install 'fastpref[train]'", file=sys.stderr)
+    except ImportError as e:
+        print(f"fastpref train {task}: error: {e}", file=sys.stderr)
         return 1
     try:
         config = parse_config(task, options, prog=f"fastpref train {task}")

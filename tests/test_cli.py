@@ -40,6 +40,7 @@ def test_task_help_lists_trl_names(task, capsys):
             assert option in out, option
 
 
+@pytest.mark.smoke
 def test_console_entry_point_runs():
     """`python -m fastpref.cli` as torchrun launches it."""
     env = {**os.environ, "PYTHONPATH": str(REPO)}

@@ -54,6 +54,7 @@ def _calls(monkeypatch) -> list[bool]:
 
 
 @pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.smoke
 def test_patched_trainer_logs_what_stock_trl_logs(kind, monkeypatch):
     stock = trl_runs.stock_logs(kind)
     calls = _calls(monkeypatch)
@@ -164,6 +165,7 @@ def test_patched_forward_gives_only_the_fields_asked_for():
 
 
 @pytest.mark.parametrize("kind", ["dpo", "grpo"])
+@pytest.mark.smoke
 def test_generate_keeps_the_models_signature_and_prefills_one_position(kind):
     """generate() looks for `logits_to_keep` in the forward's signature; without it the prefill builds the logits
     of every prompt position, (B, T, V) instead of (B, 1, V)."""

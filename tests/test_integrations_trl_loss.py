@@ -117,6 +117,7 @@ def _case_id(case):
 
 
 @pytest.mark.parametrize("case", CASES, ids=[_case_id(c) for c in CASES])
+@pytest.mark.smoke
 def test_dpo_loss_math_is_trls(dpo_trainer, case):
     options = {"beta": 0.3, "label_smoothing": 0.1, **case}
     trl_loss, trl_grad, trl_metrics = _trl(dpo_trainer, options)

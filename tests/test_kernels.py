@@ -72,6 +72,7 @@ def check_backward(logits, labels, params, dtype, with_entropy, in_place):
     "tile, vocab, params",
     [(16, 37, HEADS[0]), (64, 97, HEADS[1]), (256, 97, HEADS[2]), (256, 64, HEADS[1]), (64, 200, HEADS[2])],
 )
+@pytest.mark.smoke
 def test_small_blocks(monkeypatch, tile, vocab, params):
     """Tiles patched small: (16, 37) two full blocks and a tail of five; (256, 97) two rows per
     program, tail only; (256, 64) four rows per program, full blocks only."""
@@ -90,6 +91,7 @@ def test_small_blocks(monkeypatch, tile, vocab, params):
     check_backward(logits.half(), labels, params, torch.float16, with_entropy=False, in_place=False)
 
 
+@pytest.mark.smoke
 def test_vocab_slices_of_the_backward(monkeypatch):
     """The linear path's backward runs on vocab slices with the whole row's lse: a label equal to the
     slice's width means the target lies in another slice (no onehot term here); -1 is ignored."""
