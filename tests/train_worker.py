@@ -18,7 +18,7 @@ from pathlib import Path
 
 from fastpref.train import checkpoint, loop
 from fastpref.train.config import parse_config
-from fastpref.train.distributed import init
+from fastpref.train.distributed import init, shutdown
 
 PROBES: dict = {"save": [], "load": [], "forward": {}}
 
@@ -74,8 +74,11 @@ def main(argv: list[str]) -> None:
     loop.Trainer.__init__ = _trainer_init(loop.Trainer.__init__)
     config = parse_config(argv[0], argv[1:])
     dist = init()
-    loop.train(config)
-    Path(config.output_dir, f"probes_rank{dist.rank}.json").write_text(json.dumps(PROBES, indent=1))
+    try:
+        loop.train(config)
+        Path(config.output_dir, f"probes_rank{dist.rank}.json").write_text(json.dumps(PROBES, indent=1))
+    finally:  # as the CLI does: a live gloo group at interpreter exit can abort the process (SIGABRT, "terminate
+        shutdown(dist)  # called without an active exception"), failing a job that finished
 
 
 if __name__ == "__main__":
