@@ -131,6 +131,23 @@ def _pair_loss_calls(generator):
         fastpref.bt_loss(chosen, rejected, center_rewards_coefficient=0.01).backward()
 
 
+def variant_of(record: dict) -> tuple:
+    """What Triton's binder specialises a recorded launch on, read off the record (no compiling):
+    the kernel, per tensor its dtype and 16-byte alignment, per specialised int whether it is 1,
+    divisible by 16 or past int32, the constexprs and warps. Equal tuples compile to one binary (the
+    compile gate's classes refine this with the target's own binder)."""
+    kernel = getattr(importlib.import_module(record["module"]), record["kernel"])
+    unspecialised = set(getattr(kernel, "kwargs", {}).get("do_not_specialize") or ())
+    unspecialised |= {record["arg_names"][i] for i in getattr(kernel, "do_not_specialize", ()) if isinstance(i, int)}
+    parts = []
+    for name, value in zip(record["arg_names"], record["args"]):
+        if isinstance(value, dict):
+            parts.append((name, value["tensor"], value["offset"] == 0))
+        elif type(value) is int and name not in unspecialised:
+            parts.append((name, value == 1, value % 16 == 0, abs(value) >= 2**31))
+    return (record["module"], record["kernel"], tuple(parts), tuple(sorted(record["kwargs"].items())))
+
+
 WORKLOAD = (_logits_path_calls, _linear_path_calls, _pair_loss_calls)
 WIDE = 2**32  # added to a stride: past int32, same divisibility
 
