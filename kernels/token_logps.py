@@ -16,6 +16,7 @@ Math, in base 2 (2^x is one MUFU.EX2 instruction; log2(e) is folded into one sca
   entropy term only when its gradient is given); the onehot term is one scalar store per row after
   the loop. Ignored rows are written as zeros without being read (with several rows per program,
   read and zeroed). A label of V or more is a target in another vocab slice: no onehot term.
+Offsets: rows in int64, columns in int32 (callers check `columns_fit_int32`).
 Memory: lse (2N floats) besides the outputs; nothing of size N×V but the gradient.
 Traffic: forward N·V·bytes read; backward N·V·bytes read + N·V·bytes written; ~6 instructions per
 logit (one 2^x): bandwidth bound, so the measure is GB/s against a device copy (bench/), and the compile gate
@@ -90,16 +91,6 @@ def _row_offsets(rows, T, stride_b, stride_t):
 
 
 @triton.jit
-def _cols(cols, stride_v, WIDE_COLUMNS: tl.constexpr):
-    """Offsets of columns: int32 (the fast path; stride_v is 1 for any contiguous row), int64 where a
-    vocab-strided view spans 2^31 elements or more."""
-    if WIDE_COLUMNS:
-        return cols.to(tl.int64) * stride_v
-    else:
-        return cols * stride_v
-
-
-@triton.jit
 def _fold(r, in_row, m, new_m, s, p_dot_x, s2, f_sum, scale, tanh_scale, HAS_SOFTCAP: tl.constexpr,
           WITH_STATS: tl.constexpr, MASKED: tl.constexpr):  # fmt: skip
     """One block of raw logits r (BLOCK_ROWS, BLOCK_V) into the per-lane sums, re-based from M = m
@@ -128,7 +119,6 @@ def _forward_kernel(
     logps_ptr, lse_ptr, stats_ptr,
     n_rows, T, V, ignore_index, scale, tanh_scale,
     HAS_SOFTCAP: tl.constexpr, WITH_STATS: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_V: tl.constexpr,
-    WIDE_COLUMNS: tl.constexpr,
 ):  # fmt: skip
     # one program per BLOCK_ROWS token rows
     rows, real = _rows(n_rows, BLOCK_ROWS)
@@ -149,7 +139,7 @@ def _forward_kernel(
     full_end = (V // BLOCK_V) * BLOCK_V
     if tl.max(valid.to(tl.int32), 0) > 0:  # a program of ignored rows reads nothing
         for start in range(0, full_end, BLOCK_V):
-            r = tl.load(base + _cols(start + cols, stride_v, WIDE_COLUMNS)).to(tl.float32)
+            r = tl.load(base + (start + cols) * stride_v).to(tl.float32)
             if WITH_STATS:
                 max_before = tl.where(target_block == start, max_r, max_before)
             new_max = tl.maximum(max_r, tl.max(r, 1))
@@ -160,8 +150,7 @@ def _forward_kernel(
             max_r, m = new_max, new_m
         if full_end < V:  # the masked tail
             in_row = full_end + cols < V
-            r = tl.load(base + _cols(full_end + cols, stride_v, WIDE_COLUMNS), mask=in_row, other=0.0)
-            r = r.to(tl.float32)
+            r = tl.load(base + (full_end + cols) * stride_v, mask=in_row, other=0.0).to(tl.float32)
             if WITH_STATS:
                 max_before = tl.where(target_block == full_end, max_r, max_before)
             new_max = tl.maximum(max_r, tl.max(tl.where(in_row, r, NEG), 1))
@@ -172,8 +161,7 @@ def _forward_kernel(
             max_r, m = new_max, new_m
     total = tl.sum(s, 1)
     log2_s = tl.log2(tl.where(total > 0, total, 1.0))
-    r_target = tl.load(row_ptr + _cols(target_col, stride_v, WIDE_COLUMNS), mask=valid, other=0.0)
-    r_target = r_target.to(tl.float32)
+    r_target = tl.load(row_ptr + target_col * stride_v, mask=valid, other=0.0).to(tl.float32)
     x_target = tl.fma(_f(r_target, tanh_scale, HAS_SOFTCAP), scale, -m)
     rows_out = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
     tl.store(logps_ptr + rows_out, tl.where(valid, (x_target - log2_s) * LN2, 0.0), mask=real)
@@ -183,7 +171,7 @@ def _forward_kernel(
         # the target is the first argmax: no larger column, and none as large before it
         prefix = target_block[:, None] + cols
         before = valid[:, None] & (prefix < target_col[:, None])
-        r_prefix = tl.load(base + _cols(prefix, stride_v, WIDE_COLUMNS), mask=before, other=0.0).to(tl.float32)
+        r_prefix = tl.load(base + prefix * stride_v, mask=before, other=0.0).to(tl.float32)
         max_before = tl.maximum(max_before, tl.max(tl.where(before, r_prefix, NEG), 1))
         is_top1 = valid & (r_target >= max_r) & (r_target > max_before)
         entropy = (log2_s - tl.sum(p_dot_x, 1) / tl.where(total > 0, total, 1.0)) * LN2
@@ -222,7 +210,6 @@ def _backward_kernel(
     lse_ptr, grad_logps_ptr, entropy_ptr, grad_entropy_ptr,
     n_rows, T, V, ignore_index, scale, tanh_scale, dz_scale,
     HAS_SOFTCAP: tl.constexpr, HAS_ENTROPY_GRAD: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_V: tl.constexpr,
-    WIDE_COLUMNS: tl.constexpr,
 ):  # fmt: skip
     # one program per BLOCK_ROWS token rows; grad may alias logits (in-place mode): each element is
     # read before it is written, the target's logit before the loop
@@ -249,25 +236,24 @@ def _backward_kernel(
         row_factor = dz_scale * _exp2(-log2_s)  # dz'/dr / s
         k0 = (k0 * row_factor)[:, None]
         k1 = (k1 * row_factor)[:, None]
-        r_target = tl.load(row_ptr + _cols(target_col, stride_v, WIDE_COLUMNS), mask=valid, other=0.0)
-        r_target = r_target.to(tl.float32)
+        r_target = tl.load(row_ptr + target_col * stride_v, mask=valid, other=0.0).to(tl.float32)
         for start in range(0, full_end, BLOCK_V):
-            r = tl.load(row_ptr[:, None] + _cols(start + cols, stride_v, WIDE_COLUMNS)).to(tl.float32)
+            r = tl.load(row_ptr[:, None] + (start + cols) * stride_v).to(tl.float32)
             dz = _grad(r, m, k0, k1, scale, tanh_scale, HAS_SOFTCAP, HAS_ENTROPY_GRAD)
-            out = out_ptr[:, None] + _cols(start + cols, grad_stride_v, WIDE_COLUMNS)
             if BLOCK_ROWS > 1:  # ignored rows were read, their gradient is 0; rows past the end are not written
                 dz = tl.where(valid[:, None], dz, 0.0)
-                tl.store(out, dz.to(grad_ptr.dtype.element_ty), mask=real[:, None])
+                tl.store(out_ptr[:, None] + (start + cols) * grad_stride_v, dz.to(grad_ptr.dtype.element_ty),
+                         mask=real[:, None])  # fmt: skip
             else:
-                tl.store(out, dz.to(grad_ptr.dtype.element_ty))
+                tl.store(out_ptr[:, None] + (start + cols) * grad_stride_v, dz.to(grad_ptr.dtype.element_ty))
         if full_end < V:
             in_row = real[:, None] & (full_end + cols < V)
-            r = tl.load(row_ptr[:, None] + _cols(full_end + cols, stride_v, WIDE_COLUMNS), mask=in_row, other=0.0)
-            r = tl.where(in_row, r.to(tl.float32), NEG)  # p = 0 past the row's end
+            r = tl.load(row_ptr[:, None] + (full_end + cols) * stride_v, mask=in_row, other=0.0).to(tl.float32)
+            r = tl.where(in_row, r, NEG)  # p = 0 past the row's end
             dz = _grad(r, m, k0, k1, scale, tanh_scale, HAS_SOFTCAP, HAS_ENTROPY_GRAD)
             dz = tl.where(valid[:, None], dz, 0.0)
-            out = out_ptr[:, None] + _cols(full_end + cols, grad_stride_v, WIDE_COLUMNS)
-            tl.store(out, dz.to(grad_ptr.dtype.element_ty), mask=in_row)
+            tl.store(out_ptr[:, None] + (full_end + cols) * grad_stride_v, dz.to(grad_ptr.dtype.element_ty),
+                     mask=in_row)  # fmt: skip
         # the onehot term: the target column gets g·dz'/dr more
         dz_target = _grad(r_target[:, None], m, k0, k1, scale, tanh_scale, HAS_SOFTCAP, HAS_ENTROPY_GRAD)
         f_target = _f(r_target, tanh_scale, HAS_SOFTCAP)
@@ -279,13 +265,12 @@ def _backward_kernel(
         dz_target = tl.reshape(dz_target, [BLOCK_ROWS]) + onehot
         # (a label past the last column is a target in another vocab slice: the linear backward's slices)
         has_target = valid & (label >= 0) & (label < V)
-        out = out_ptr + _cols(target_col, grad_stride_v, WIDE_COLUMNS)
-        tl.store(out, dz_target.to(grad_ptr.dtype.element_ty), mask=has_target)
+        tl.store(out_ptr + target_col * grad_stride_v, dz_target.to(grad_ptr.dtype.element_ty), mask=has_target)
     else:  # only ignored rows: zeros, nothing read
         for start in range(0, V, BLOCK_V):
             in_row = real[:, None] & (start + cols < V)
             zeros = tl.zeros([BLOCK_ROWS, BLOCK_V], grad_ptr.dtype.element_ty)
-            tl.store(out_ptr[:, None] + _cols(start + cols, grad_stride_v, WIDE_COLUMNS), zeros, mask=in_row)
+            tl.store(out_ptr[:, None] + (start + cols) * grad_stride_v, zeros, mask=in_row)
 
 
 def _rows_view(t: torch.Tensor, n_lead: int) -> torch.Tensor:
@@ -299,9 +284,11 @@ def _rows_view(t: torch.Tensor, n_lead: int) -> torch.Tensor:
     return t.reshape(math.prod(t.shape[: n_lead - 1]), *t.shape[n_lead - 1 :])
 
 
-def _wide_columns(n_cols: int, *views: torch.Tensor) -> bool:
-    """Whether a row's column offsets pass int32: (V − 1)·stride_v ≥ 2^31 for one of the views."""
-    return any((n_cols - 1) * abs(view.stride(-1)) >= 2**31 for view in views)
+def columns_fit_int32(t: torch.Tensor) -> bool:
+    """Whether the column offsets of t's rows, (V − 1)·stride_v, fit int32, as the kernels compute them
+    (int32 keeps the inner loops short; rows are offset in int64). A vocab-strided view spanning 2^31
+    elements or more does not: the backend runs the chunked PyTorch code on it."""
+    return (t.shape[-1] - 1) * abs(t.stride(-1)) < 2**31
 
 
 def _shares_memory(view: torch.Tensor, t: torch.Tensor) -> bool:
@@ -338,7 +325,7 @@ def logits_forward(logits, labels, params: HeadParams, with_stats: bool):
             logps, lse, logps if stats is None else stats,
             n_rows, T, V, params.ignore_index, scale, tanh_scale,
             num_warps=cfg.num_warps, HAS_SOFTCAP=params.softcap is not None, WITH_STATS=with_stats,
-            BLOCK_ROWS=cfg.block_rows, BLOCK_V=cfg.block_v, WIDE_COLUMNS=_wide_columns(V, logits3),
+            BLOCK_ROWS=cfg.block_rows, BLOCK_V=cfg.block_v,
         )  # fmt: skip
     return logps, lse, stats
 
@@ -379,7 +366,7 @@ def logits_backward(
             grad_entropy.reshape(-1).float().contiguous() if has_entropy else g,
             n_rows, T, V, params.ignore_index, scale, tanh_scale, dz_scale,
             num_warps=cfg.num_warps, HAS_SOFTCAP=params.softcap is not None, HAS_ENTROPY_GRAD=has_entropy,
-            BLOCK_ROWS=cfg.block_rows, BLOCK_V=cfg.block_v, WIDE_COLUMNS=_wide_columns(V, logits3, grad3),
+            BLOCK_ROWS=cfg.block_rows, BLOCK_V=cfg.block_v,
         )  # fmt: skip
     if not _shares_memory(grad3, grad):
         grad.copy_(grad3.reshape(grad.shape))

@@ -2,7 +2,8 @@
 with the GPU's block configs: the set must not depend on how many rows are valid (each new variant is
 a compile stall in an eager run, and one that CUDA-graph capture, which computes every position, may
 meet for the first time, when loading a module is forbidden), and the linear path's padded rows must
-reach the kernels with row strides divisible by 16 (aligned, vector loads)."""
+reach the kernels with row strides divisible by 16 (aligned, vector loads), and the backward with a
+padded width divisible by 16 too."""
 
 import pytest
 import torch
@@ -60,3 +61,5 @@ def test_linear_path_rows_reach_the_kernels_aligned(monkeypatch):
         if name in ("stride_b", "stride_t", "grad_stride_b", "grad_stride_t")
     ]
     assert strides and all(value % 16 == 0 for _, value in strides), strides
+    backward_widths = [dict(zip(r["arg_names"], r["args"]))["V"] for r in records if r["kernel"] == "_backward_kernel"]
+    assert backward_widths and all(v % 16 == 0 for v in backward_widths), backward_widths  # the padded width

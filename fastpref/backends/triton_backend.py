@@ -41,8 +41,10 @@ SLICE_QUANTUM = 4096  # the backward's vocab slices are multiples of this (the k
 MAX_SLICE_COLS = 16384  # ... and at most this wide, but for the left-over columns the last slice takes
 
 
-def _backend(t: torch.Tensor):
-    return torch_chunked if t.dtype == torch.float64 else kernels
+def _backend(logits: torch.Tensor):
+    """The kernels, or the chunked code for float64 (the kernels are fp32) and for a vocab-strided
+    view whose column offsets pass int32."""
+    return torch_chunked if logits.dtype == torch.float64 or not kernels.columns_fit_int32(logits) else kernels
 
 
 def _entropy(entropy, grad_entropy, r0: int = 0, r1: int | None = None) -> dict:
@@ -51,7 +53,7 @@ def _entropy(entropy, grad_entropy, r0: int = 0, r1: int | None = None) -> dict:
 
 
 def logits_forward(logits, labels, params: HeadParams, with_stats: bool):
-    if logits.dtype == torch.float64:
+    if _backend(logits) is torch_chunked:
         return torch_chunked.logits_forward(logits, labels, params, with_stats)
     rows.check_labels(labels, params.ignore_index, logits.shape[-1])
     return kernels.logits_forward(logits, labels, params, with_stats)
@@ -62,7 +64,7 @@ def logits_backward(
 ):
     """The kernels compute every row (ignored ones get zeros): no positions, no sync."""
     ent = _entropy(entropy, grad_entropy)
-    if logits.dtype == torch.float64:
+    if _backend(logits) is torch_chunked:
         return torch_chunked.logits_backward(logits, labels, lse, grad_logps, params, in_place, **ent, pos=pos)
     return kernels.logits_backward(logits, labels, lse, grad_logps, params, in_place, **ent)
 
@@ -101,6 +103,19 @@ def _logits(h_rows, weight, bias, c0: int = 0, c1: int | None = None):
         return torch.addmm(bias[c0:c1], h_rows, w.T)
     out = h_rows.new_empty(h_rows.shape[0], padded_width(w.shape[0], False))[:, : w.shape[0]]
     return torch.mm(h_rows, w.T, out=out)
+
+
+def _backward_in_place(z, y, lse, g, params: HeadParams, **entropy) -> torch.Tensor:
+    """The row kernels' backward of a (r, c) logits tile, in place; returns dz (r, c). A tile in padded
+    rows is handed over whole, its padding zeroed (p = 2^(0 − M)/s there, written and never read):
+    the kernels then see a width divisible by 16, one variant with vector loads and stores (an odd
+    width compiles a variant that spills on sm_80), whatever the vocabulary."""
+    width = padded_width(z.shape[1], False)
+    if width == z.shape[1] or z.stride(0) != width:
+        return kernels.logits_backward(z, y, lse, g, params, True, **entropy)
+    padded = z.as_strided((z.shape[0], width), z.stride())
+    padded[:, z.shape[1] :].zero_()
+    return kernels.logits_backward(padded, y, lse, g, params, True, **entropy)[:, : z.shape[1]]
 
 
 def forward_rows(n_vocab: int, itemsize: int, tile_bytes: int, has_bias: bool = False) -> int:
@@ -173,17 +188,19 @@ def linear_backward(
     dh_acc = h.new_zeros(n, n_hidden, dtype=torch.float32) if need_h else None
     dw = (torch.empty_like if n else torch.zeros_like)(weight) if need_w else None
     db_acc = torch.zeros_like(bias, dtype=torch.float32) if need_b else None
-    # Each slice's targets as local columns; a target elsewhere is column c1 - c0 of the slice (never
-    # a column), an ignored row (present under graph capture only) is -1, the slice's ignore_index.
+    # Each slice's targets as local columns; a target elsewhere is a column past the slice's padded
+    # width (never a column), an ignored row (present under graph capture only) is -1, the slice's
+    # ignore_index.
     slice_params = dataclasses.replace(params, ignore_index=-1)
     ignored = y == params.ignore_index
     for c0, c1 in slices:
-        y_local = torch.where(ignored, -1, torch.where((y >= c0) & (y < c1), y - c0, c1 - c0))
+        elsewhere = padded_width(c1 - c0, False)
+        y_local = torch.where(ignored, -1, torch.where((y >= c0) & (y < c1), y - c0, elsewhere))
         dw_slice = h.new_zeros(c1 - c0, n_hidden, dtype=torch.float32) if need_w and block < n else None
         for r0, r1 in spans(n, block):
             z = _logits(h[r0:r1], weight, bias, c0, c1)
             ent = _entropy(entropy, grad_entropy, r0, r1)
-            dz = kernels.logits_backward(z, y_local[r0:r1], lse[:, r0:r1], g[r0:r1], slice_params, True, **ent)
+            dz = _backward_in_place(z, y_local[r0:r1], lse[:, r0:r1], g[r0:r1], slice_params, **ent)
             if need_h:
                 accumulate_matmul_(dh_acc[r0:r1], dz, weight[c0:c1])  # dh += dz · W[slice]
             if need_w and dw_slice is None:
@@ -223,5 +240,5 @@ def linear_rows_fused(
     z = _logits(h_rows, weight, bias)
     logps, lse, stats = kernels.logits_forward(z, y, params, with_log_sum_sq)
     g = token_grads(logps, stats[3] if with_log_sum_sq else None)
-    dz = kernels.logits_backward(z, y, lse, g.float(), params, in_place=True)
+    dz = _backward_in_place(z, y, lse, g.float(), params)
     return _carry_(dz, h_rows, weight, dw_acc, db_acc)
