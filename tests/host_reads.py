@@ -1,7 +1,7 @@
 """A CPU proxy for the host syncs an op makes on a GPU: every read of a device value by the host.
 
 `HostReads` counts, while active:
-- aten ops that copy a device value to the host: `_local_scalar_dense` (`.item()`, `bool(t)`, `int(t)`),
+- aten ops that copy a device value to the host: `_local_scalar_dense` / `is_nonzero` / `item` (`.item()`, `bool(t)`),
   `nonzero`, `masked_select`, indexing with a boolean mask (it runs `nonzero`);
 - Python-level reads: `Tensor.tolist`, `.cpu`, `.numpy`;
 - device-targeted constructions from host data, `torch.tensor(..., device=...)`: a blocking
@@ -19,7 +19,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from fastpref.kernels import pair_sigmoid, token_logps
 
-SYNCING_OPS = ("aten._local_scalar_dense", "aten.nonzero", "aten.masked_select")
+# (bool(t) reaches the mode as is_nonzero inside a custom op's kernel, as _local_scalar_dense outside)
+SYNCING_OPS = ("aten._local_scalar_dense", "aten.is_nonzero", "aten.item", "aten.nonzero", "aten.masked_select")
 PYTHON_READS = ("tolist", "cpu", "numpy")
 
 
@@ -48,7 +49,12 @@ class HostReads(TorchDispatchMode):
         if not self._paused:
             if name in SYNCING_OPS:
                 self.reads.append(name)
-            elif name in ("aten.index", "aten.index_put", "aten.index_put_") and _has_bool_index(args):
+                self._paused += 1  # one read, however the op decomposes
+                try:
+                    return func(*args, **kwargs)
+                finally:
+                    self._paused -= 1
+            if name in ("aten.index", "aten.index_put", "aten.index_put_") and _has_bool_index(args):
                 self.reads.append(f"{name} with a boolean mask")
         return func(*args, **kwargs)
 

@@ -110,3 +110,12 @@ def test_the_counter_sees_what_syncs():
         "torch.tensor(..., device=...)", "torch.tensor(..., device=...)",
     ]  # fmt: skip
 
+
+
+def test_the_counter_sees_inside_a_custom_op(monkeypatch):
+    """A read inside an op's kernel (the logits path's label check, `if mask.any()`) is counted."""
+    monkeypatch.setenv("FASTPREF_BACKEND", "triton")
+    logits, labels = torch.randn(2, 3, 50), torch.randint(0, 50, (2, 3))
+    with HostReads() as reads:
+        fastpref.token_logps(logits, labels)
+    assert reads.reads == ["aten.is_nonzero"]
