@@ -4,8 +4,8 @@ times COMPARATIVE_FACTOR, plus COMPARATIVE_FLOOR; in fp32 against float64 (gradi
 leading dims no view can merge); a training step of every linear op captured in a CUDA graph and
 replayed; a training step compiled by inductor; host syncs under torch.cuda.set_sync_debug_mode (at
 most one per forward, none in a backward); a head on a second GPU; the peak memory of llama3-8b's
-fused DPO pass against its planner and the +1.7 GB goal. Skipped without CUDA, and under the Triton interpreter (tests/conftest.py
-turns it on by default; `make gpu-check` runs this file with TRITON_INTERPRET=0)."""
+fused DPO pass against its planner and the +1.7 GB goal. Skipped without CUDA, and under the Triton
+interpreter (tests/conftest.py turns it on by default; `make gpu-check` runs this file with TRITON_INTERPRET=0)."""
 
 import os
 import warnings

@@ -121,3 +121,22 @@ def test_a_view_whose_columns_pass_int32_runs_the_chunked_code(monkeypatch):
     (got_grad,) = torch.autograd.grad(got, logits, upstream)
     assert_close(got, want, rtol=1e-5, atol=1e-6, name="logps")
     assert_close(got_grad, want_grad, rtol=1e-5, atol=1e-6, name="grad")
+
+
+def test_gpu_check_runs_the_gpu_cases():
+    """`make gpu-check` runs tests/test_gpu.py: capture + replay of every linear op, sync debug mode
+    around each, a head on a second GPU, llama3-8b's peak memory are all collected there."""
+    import subprocess
+    import sys
+
+    from fastpref.bench import gpu_check
+
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider", gpu_check.GPU_TESTS],
+        cwd=gpu_check.ROOT, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    collected = proc.stdout
+    for op in ("linear_token_logps", "linear_sequence_logps", "linear_dpo_loss", "linear_dpo_loss_two_pass"):
+        assert f"test_cuda_graph_replays_a_training_step[{op}]" in collected
+        assert f"test_a_step_syncs_once_per_call_and_never_in_the_backward[{op}]" in collected
+    assert "test_a_head_on_the_second_gpu" in collected and "test_llama3_8b_single_pass_peak_memory" in collected

@@ -110,7 +110,8 @@ def test_llama3_8b_single_pass_fits_its_budget():
     from fastpref.api import DEFAULT_MEMORY_BUDGET
     from fastpref.ops.linear_dpo import single_pass_buffers
 
-    buffers = single_pass_buffers(**LLAMA3_8B, rows_per_pair=[2 * LLAMA3_8B_VALID] * 4, memory_budget=DEFAULT_MEMORY_BUDGET)
+    pairs = [2 * LLAMA3_8B_VALID] * 4
+    buffers = single_pass_buffers(**LLAMA3_8B, rows_per_pair=pairs, memory_budget=DEFAULT_MEMORY_BUDGET)
     print("\n".join(f"{name}: {size / 1e6:.1f} MB" for name, size in buffers.items()))
     assert buffers["dW (V, H), the weight's dtype"] == 128256 * 4096 * 2
     tile = buffers["logits tile (rows, V padded), turned into dz in place"]
