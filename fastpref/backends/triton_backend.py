@@ -8,8 +8,9 @@ row kernels fold them into lse and log-probs; a chunk holds as many rows as TILE
 (512 MiB: 2,093 rows at V = 128,256 in bf16, so llama3-8b's ~5,200 valid rows read the weight 3
 times, not 20). Backward: vocab slices outermost, SLICE_QUANTUM-multiples wide (as wide as the tile
 allows, at most MAX_SLICE_COLS, and never so wide that a slice's fp32 dW would exceed the tile), the
-last one taking the columns left over: so the kernels see slices of two widths whatever the row count
-(one compiled variant for the full slices, one for the last), and with every row in one block (up
+last one taking the columns left over; the backward kernels get each slice in its padded rows (a
+width divisible by 16), so for V ≥ 4,096 they compile one variant per dtype and flags whatever the
+row count (a capture, which computes every position, meets none new). With every row in one block (up
 to 16,384 bf16 rows in 512 MiB) each slice of dW = dzᵀ·h is one GEMM over all rows, written once
 in the weight's dtype (no fp32 dW buffer, no read-modify-write of it per row chunk); the row
 kernels turn each logits slice *in place* into dz using the forward's lse; dh = dz·W accumulates
@@ -20,7 +21,8 @@ so that cuBLASLt adds the bias in the GEMM's epilogue (a padded output makes `ad
 bias over the whole tile). No fp32 copy of a tile is made.
 Memory (linear path, n valid rows, bf16): the tile (≤ TILE_BYTES), the compact hidden rows (n, H),
 in the backward an fp32 dh accumulator (n, H) and dW itself in the weight's dtype.
-float64 inputs (gradcheck, references) run the chunked PyTorch code: the kernels are fp32.
+float64 inputs (gradcheck, references) run the chunked PyTorch code: the kernels are fp32; so do
+logits whose column offsets pass int32 (a vocab-strided view spanning 2^31 elements).
 """
 
 from __future__ import annotations
