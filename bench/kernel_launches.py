@@ -1,7 +1,8 @@
 """Every Triton launch the library makes, recorded from real calls.
 
 Representative public API calls (every dtype, softcap, statistics, in-place, f-divergence, reference
-and margin option, small / odd / large vocabularies, a batch stride past int32) run under the Triton
+and margin option, small / odd / large vocabularies, the linear backward's vocab slices, a batch
+stride past int32) run under the Triton
 interpreter with the block configs a GPU gets, and each kernel launch is kept as (kernel, arguments),
 a tensor reduced to its dtype and its pointer's alignment: all Triton's binder needs to specialise the
 launch for a GPU (`fastpref.bench.kernels_compile` compiles them). A new launch site is covered as
@@ -116,6 +117,26 @@ def _linear_path_calls(generator):
             fastpref.linear_dpo_loss(hidden, weight, labels, *refs, **options).loss.backward()
 
 
+def _linear_slice_calls(generator):
+    """The linear backward's vocab slices: a tile small enough for slices of 4,096 columns, so an odd
+    vocabulary gives a full slice and a last one of an odd width (with its padded, aligned rows), for
+    each dtype, softcap and entropy gradient. A slice's width depends on V alone, never on the rows."""
+    from fastpref.ops.linear_token_logps import linear_token_logps_op
+
+    vocab, hidden_size = 2 * 4096 + 17, 16
+    tile_bytes = 4096 * 4 * hidden_size  # slices of 4,096 columns (their fp32 dW fills the tile)
+    for dtype in (torch.bfloat16, torch.float16, torch.float32):
+        hidden = torch.randn(2, 6, hidden_size, generator=generator).to(dtype).requires_grad_()
+        weight = (torch.randn(vocab, hidden_size, generator=generator) / 4).to(dtype).requires_grad_()
+        labels = _labels((2, 6), vocab, generator)
+        for softcap in (None, 30.0):
+            for with_entropy in (False, True):
+                logps, _lse, stats = linear_token_logps_op(
+                    hidden, weight, None, labels, -100, 1.0, softcap, tile_bytes, 1.0, with_entropy
+                )
+                (logps.sum() + (stats[0].sum() if with_entropy else 0)).backward()
+
+
 def _pair_loss_calls(generator):
     """dpo_loss sigmoid for every f-divergence, with and without a reference; bt_loss with and
     without margin and reward centring, for each dtype of its inputs."""
@@ -131,7 +152,24 @@ def _pair_loss_calls(generator):
         fastpref.bt_loss(chosen, rejected, center_rewards_coefficient=0.01).backward()
 
 
-WORKLOAD = (_logits_path_calls, _linear_path_calls, _pair_loss_calls)
+def variant_of(record: dict) -> tuple:
+    """What Triton's binder specialises a recorded launch on, read off the record (no compiling):
+    the kernel, per tensor its dtype and 16-byte alignment, per specialised int whether it is 1,
+    divisible by 16 or past int32, the constexprs and warps. Equal tuples compile to one binary (the
+    compile gate's classes refine this with the target's own binder)."""
+    kernel = getattr(importlib.import_module(record["module"]), record["kernel"])
+    unspecialised = set(getattr(kernel, "kwargs", {}).get("do_not_specialize") or ())
+    unspecialised |= {record["arg_names"][i] for i in getattr(kernel, "do_not_specialize", ()) if isinstance(i, int)}
+    parts = []
+    for name, value in zip(record["arg_names"], record["args"]):
+        if isinstance(value, dict):
+            parts.append((name, value["tensor"], value["offset"] == 0))
+        elif type(value) is int and name not in unspecialised:
+            parts.append((name, value == 1, value % 16 == 0, abs(value) >= 2**31))
+    return (record["module"], record["kernel"], tuple(parts), tuple(sorted(record["kwargs"].items())))
+
+
+WORKLOAD = (_logits_path_calls, _linear_path_calls, _linear_slice_calls, _pair_loss_calls)
 WIDE = 2**32  # added to a stride: past int32, same divisibility
 
 

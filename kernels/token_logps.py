@@ -16,6 +16,7 @@ Math, in base 2 (2^x is one MUFU.EX2 instruction; log2(e) is folded into one sca
   entropy term only when its gradient is given); the onehot term is one scalar store per row after
   the loop. Ignored rows are written as zeros without being read (with several rows per program,
   read and zeroed). A label of V or more is a target in another vocab slice: no onehot term.
+Offsets: rows in int64, columns in int32 (callers check `columns_fit_int32`).
 Memory: lse (2N floats) besides the outputs; nothing of size N×V but the gradient.
 Traffic: forward N·V·bytes read; backward N·V·bytes read + N·V·bytes written; ~6 instructions per
 logit (one 2^x): bandwidth bound, so the measure is GB/s against a device copy (bench/), and the compile gate
@@ -273,12 +274,21 @@ def _backward_kernel(
 
 
 def _rows_view(t: torch.Tensor, n_lead: int) -> torch.Tensor:
-    """t with its n_lead leading dims as exactly two (B, T); a view where the strides allow, else a copy."""
+    """t with its n_lead leading dims as exactly two (B, T); a view where the strides allow, else a copy.
+    One leading dim becomes (1, N) with both strides the rows' own: Triton then sees the row stride's
+    divisibility (16 for the linear path's padded rows: vector loads), not the row width's."""
     if n_lead == 0:
         return t.reshape(1, 1, *t.shape)
     if n_lead == 1:
-        return t.unsqueeze(1)
+        return t.as_strided((1, *t.shape), (t.stride(0), *t.stride()))
     return t.reshape(math.prod(t.shape[: n_lead - 1]), *t.shape[n_lead - 1 :])
+
+
+def columns_fit_int32(t: torch.Tensor) -> bool:
+    """Whether the column offsets of t's rows, (V − 1)·stride_v, fit int32, as the kernels compute them
+    (int32 keeps the inner loops short; rows are offset in int64). A vocab-strided view spanning 2^31
+    elements or more does not: the backend runs the chunked PyTorch code on it."""
+    return (t.shape[-1] - 1) * abs(t.stride(-1)) < 2**31
 
 
 def _shares_memory(view: torch.Tensor, t: torch.Tensor) -> bool:

@@ -1,11 +1,14 @@
 """On a CUDA GPU, the compiled Triton kernels: in bf16, judged by the comparative rule (STYLE.md):
 fastpref's error vs the float64 truth may be no larger than the textbook bf16 path's own error,
 times COMPARATIVE_FACTOR, plus COMPARATIVE_FLOOR; in fp32 against float64 (gradients through
-leading dims no view can merge); a training step captured in a CUDA graph and replayed; a training
-step compiled by inductor. Skipped without CUDA, and under the Triton interpreter (tests/conftest.py
-turns it on by default; `make gpu-check` runs this file with TRITON_INTERPRET=0)."""
+leading dims no view can merge); a training step of every linear op captured in a CUDA graph and
+replayed; a training step compiled by inductor; host syncs under torch.cuda.set_sync_debug_mode (at
+most one per forward, none in a backward); a head on a second GPU; the peak memory of llama3-8b's
+fused DPO pass against its planner and the +1.7 GB goal. Skipped without CUDA, and under the Triton
+interpreter (tests/conftest.py turns it on by default; `make gpu-check` runs this file with TRITON_INTERPRET=0)."""
 
 import os
+import warnings
 
 import pytest
 import torch
@@ -133,11 +136,46 @@ def sequence_logps_step(hidden, weight, labels, ref_chosen, ref_rejected):
     return (seq * torch.linspace(-1.0, 2.0, seq.shape[0], device=seq.device)).sum()
 
 
+def token_logps_step(hidden, weight, labels, ref_chosen, ref_rejected):
+    """linear_token_logps with its statistics: log-probs and an entropy bonus, non-uniform weights."""
+    logps, stats = fastpref.linear_token_logps(hidden, weight, labels, return_stats=True, softcap=30.0)
+    weights = torch.linspace(-1.0, 2.0, logps.numel(), device=logps.device).reshape(logps.shape)
+    return (logps * weights).sum() + 0.1 * stats.entropy.sum()
+
+
 def dpo_step(hidden, weight, labels, ref_chosen, ref_rejected):
     return fastpref.linear_dpo_loss(hidden, weight, labels, ref_chosen, ref_rejected, beta=0.1).loss
 
 
-@pytest.mark.parametrize("step", [sequence_logps_step, dpo_step], ids=["linear_sequence_logps", "linear_dpo_loss"])
+def exo_dpo_step(hidden, weight, labels, ref_chosen, ref_rejected):
+    """The single pass with a loss that builds a constant on the device (exo_pair's label smoothing)."""
+    return fastpref.linear_dpo_loss(
+        hidden, weight, labels, ref_chosen, ref_rejected, loss_type="exo_pair", label_smoothing=0.1
+    ).loss
+
+
+def chunked_dpo_step(hidden, weight, labels, ref_chosen, ref_rejected):
+    """The single pass over several pair chunks (a budget of one pair's positions)."""
+    budget = 2 * GRAPH_SHAPE["positions"] * GRAPH_SHAPE["vocab"] * 4
+    return fastpref.linear_dpo_loss(hidden, weight, labels, ref_chosen, ref_rejected, memory_budget=budget).loss
+
+
+def two_pass_dpo_step(hidden, weight, labels, ref_chosen, ref_rejected):
+    """The two passes (aot sorts across the batch): linear_token_logps' forward and recomputing backward."""
+    return fastpref.linear_dpo_loss(hidden, weight, labels, ref_chosen, ref_rejected, loss_type="aot").loss
+
+
+LINEAR_STEPS = {
+    "linear_token_logps": token_logps_step,
+    "linear_sequence_logps": sequence_logps_step,
+    "linear_dpo_loss": dpo_step,
+    "linear_dpo_loss_exo_pair": exo_dpo_step,
+    "linear_dpo_loss_chunked": chunked_dpo_step,
+    "linear_dpo_loss_two_pass": two_pass_dpo_step,
+}
+
+
+@pytest.mark.parametrize("step", list(LINEAR_STEPS.values()), ids=list(LINEAR_STEPS))
 def test_cuda_graph_replays_a_training_step(monkeypatch, step):
     """Forward and backward of a step captured in one CUDA graph (static shapes; a host sync would
     fail the capture), replayed on two new batches with other masks: eager's loss and gradients."""
@@ -202,3 +240,75 @@ def test_inductor_compiles_a_training_step(monkeypatch, step, fullgraph):
     assert_close(compiled, eager, **REPLAY_TOLERANCE, name="loss")
     for name, got, want in zip(("hidden", "weight"), compiled_grads, eager_grads):
         assert_close(got, want, **REPLAY_TOLERANCE, name=f"grad {name}")
+
+
+@pytest.mark.parametrize("step", list(LINEAR_STEPS.values()), ids=list(LINEAR_STEPS))
+def test_a_step_syncs_once_per_call_and_never_in_the_backward(monkeypatch, step):
+    """torch.cuda.set_sync_debug_mode: the forward of each linear op syncs at most once (counting its
+    valid rows), the backward not at all ("error" raises at the first sync)."""
+    monkeypatch.setenv("FASTPREF_BACKEND", "triton")
+    hidden, labels, ref_chosen, ref_rejected = linear_batch(0, **GRAPH_SHAPE)
+    weight = (torch.randn(GRAPH_SHAPE["vocab"], GRAPH_SHAPE["hidden_size"], device=DEVICE) / 8).requires_grad_()
+    hidden.requires_grad_()
+    step(hidden, weight, labels, ref_chosen, ref_rejected).backward()  # compiles, warms cuBLAS
+    torch.cuda.synchronize()
+    try:
+        torch.cuda.set_sync_debug_mode("warn")
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            loss = step(hidden, weight, labels, ref_chosen, ref_rejected)
+        syncs = [str(w.message) for w in caught if "synchroniz" in str(w.message)]
+        assert len(syncs) <= 1, syncs
+        torch.cuda.set_sync_debug_mode("error")
+        loss.backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_a_head_on_the_second_gpu(monkeypatch):
+    """hidden and lm_head on cuda:1 while cuda:0 is current (device_map="auto"): the kernels run on
+    cuda:1, ordered with its stream: cuda:0's values and gradients."""
+    monkeypatch.setenv("FASTPREF_BACKEND", "triton")
+    hidden, labels, ref_chosen, ref_rejected = linear_batch(0, **GRAPH_SHAPE)
+    weight = torch.randn(GRAPH_SHAPE["vocab"], GRAPH_SHAPE["hidden_size"], device=DEVICE) / 8
+    results = []
+    for device in ("cuda:0", "cuda:1"):
+        leaves = [t.to(device).requires_grad_() for t in (hidden, weight)]
+        inputs = [t.to(device) for t in (labels, ref_chosen, ref_rejected)]
+        with torch.cuda.device(0):
+            for step in (token_logps_step, dpo_step):
+                loss = step(*leaves, *inputs)
+                results.append([loss.detach().cpu(), *(g.cpu() for g in torch.autograd.grad(loss, leaves))])
+    half = len(results) // 2
+    for on_0, on_1 in zip(results[:half], results[half:]):
+        for want, got in zip(on_0, on_1):
+            assert_close(got, want, **REPLAY_TOLERANCE, name="cuda:1 vs cuda:0")
+
+
+def test_llama3_8b_single_pass_peak_memory(monkeypatch):
+    """The fused DPO pass at llama3-8b's head (4 pairs × 1,024 positions, 37% masked, bf16): its peak
+    above the inputs (gradients included) is the planner's account, and ≤ +1.7 GB."""
+    from fastpref.api import DEFAULT_MEMORY_BUDGET
+    from fastpref.ops.linear_dpo import single_pass_buffers
+
+    monkeypatch.setenv("FASTPREF_BACKEND", "triton")
+    pairs, positions, hidden_size, vocab, valid = 4, 1024, 4096, 128256, round(1024 * 0.63)
+    hidden = torch.randn(2 * pairs, positions, hidden_size, device=DEVICE, dtype=torch.bfloat16).requires_grad_()
+    weight = (torch.randn(vocab, hidden_size, device=DEVICE) / 64).bfloat16().requires_grad_()
+    labels = torch.randint(0, vocab, (2 * pairs, positions), device=DEVICE)
+    labels[:, : positions - valid] = -100
+    refs = -100 * torch.rand(2, pairs, device=DEVICE)
+    warm = hidden[:2, -64:].detach().requires_grad_()  # compiles the kernels, sets up cuBLAS's workspace
+    fastpref.linear_dpo_loss(warm, weight.detach(), labels[:2, -64:], refs[0][:1], refs[1][:1]).loss.backward()
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    fastpref.linear_dpo_loss(hidden, weight, labels, *refs).loss.backward()
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated() - before
+    planned = sum(single_pass_buffers(tuple(hidden.shape), vocab, torch.bfloat16, [2 * valid] * pairs,
+                                      DEFAULT_MEMORY_BUDGET).values())  # fmt: skip
+    print(f"peak above inputs {peak / 1e9:.3f} GB, planned {planned / 1e9:.3f} GB")
+    assert peak <= planned + (64 << 20), f"peak {peak / 1e9:.3f} GB vs planned {planned / 1e9:.3f} GB"
+    assert peak <= 1.7e9

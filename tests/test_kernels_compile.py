@@ -80,3 +80,25 @@ def test_a_ragged_last_chunk_compiles_nothing_new():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     proc = subprocess.run([sys.executable, "-c", RAGGED_CHECK], env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def test_head_model_reads_the_gate_and_predicts_above_the_floor():
+    """bench/results/head_model.md's prediction: the row kernels' counts come from the gate's table (a
+    missing class fails), and each path costs at least the three valid-token GEMMs, the fused pass less
+    than two passes, the 512 MiB forward tile less than the 64 MiB one."""
+    import pytest
+
+    from fastpref.bench import head_model
+
+    table = head_model.COMPILE_TABLE.read_text()
+    fwd = head_model.per_1024(*head_model.FORWARD_CLASS, table)
+    bwd = head_model.per_1024(*head_model.BACKWARD_CLASS, table)
+    assert 100 < bwd <= fwd < 633  # under the HBM's allowance: bandwidth-bound
+    with pytest.raises(LookupError):
+        head_model.per_1024("token_logps._forward_kernel", "no such variant", table)
+    for device in head_model.DEVICES:
+        floor = 3 * head_model.gemm(device, head_model.ROWS, head_model.VOCAB, head_model.HIDDEN)
+        fused = sum(head_model.single_pass(device, fwd, bwd).values())
+        now, before = (sum(head_model.two_pass(device, fwd, bwd, rows).values()) for rows in (2093, 261))
+        assert floor < fused < now < before
+    assert "| H200 | fused linear_dpo_loss | **total**" in head_model.report(table)

@@ -277,11 +277,19 @@ def test_single_pass_budget_comes_from_the_backend_that_runs(monkeypatch):
 
 
 def test_triton_backward_makes_each_dw_slice_in_one_gemm():
-    """llama3-8b's two-pass backward (5,200 valid rows, bf16, 64 MiB tiles): every row in one block, so
-    each vocab slice of dW is a single GEMM over all rows, never a read-modify-write per row chunk."""
+    """llama3-8b's two-pass backward (5,200 valid rows, bf16, H = 4,096): every row in one block, so
+    each vocab slice of dW is a single GEMM over all rows, never a read-modify-write per row chunk; the
+    slices are multiples of 4,096 columns but the last, whose width depends on V alone, and a slice's
+    fp32 dW (needed only when rows come in several blocks) fits the budget."""
     from fastpref.backends.triton_backend import backward_tiles
 
-    rows, cols = backward_tiles(5200, 128256, 2, 64 << 20)
-    assert rows == 5200 and cols * rows * 2 <= 64 << 20 and cols >= 4096
-    rows, cols = backward_tiles(40000, 128256, 2, 64 << 20)  # too many rows: the narrowest slice, blocks of rows
-    assert cols == 4096 and rows * cols * 2 <= 64 << 20
+    for budget in (512 << 20, 64 << 20):
+        rows, slices = backward_tiles(5200, 128256, 4096, 2, budget)
+        widths = [c1 - c0 for c0, c1 in slices]
+        assert rows == 5200 and max(widths) * rows * 2 <= budget
+        assert slices[0][0] == 0 and slices[-1][1] == 128256 and all(a[1] == b[0] for a, b in zip(slices, slices[1:]))
+        assert all(w % 4096 == 0 for w in widths[:-1]) and widths[-1] % 4096 == 128256 % 4096
+        assert max(widths[:-1]) * 4096 * 4 <= budget
+    rows, slices = backward_tiles(40000, 128256, 4096, 2, 64 << 20)  # too many rows: blocks of rows
+    assert rows < 40000 and rows * max(c1 - c0 for c0, c1 in slices) * 2 <= 64 << 20
+    assert backward_tiles(40000, 128256, 4096, 2, 64 << 20)[1] == backward_tiles(7, 128256, 4096, 2, 64 << 20)[1]

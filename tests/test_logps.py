@@ -24,7 +24,8 @@ HEADS = [
 def _small_tiles(monkeypatch):
     monkeypatch.setattr(torch_chunked, "VOCAB_CHUNK", 256)
     monkeypatch.setattr(torch_chunked, "TILE_BYTES", 3 * 256 * 8)  # 3 rows of fp64, 6 of fp32
-    monkeypatch.setattr(triton_backend, "MIN_SLICE_COLS", 256)  # the Triton backward's vocab slices
+    monkeypatch.setattr(triton_backend, "SLICE_QUANTUM", 256)  # the Triton backward's vocab slices
+    monkeypatch.setattr(triton_backend, "MAX_SLICE_COLS", 512)
 
 
 @pytest.fixture(params=["torch", "torch_small_tiles", "triton", "triton_small_tiles"])

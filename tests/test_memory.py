@@ -95,3 +95,47 @@ def test_logits_path_in_place_allocates_nothing_of_n_by_v(monkeypatch, backend):
         torch.autograd.grad(out, logits, torch.randn(N_SEQS))
     n_by_v = N_SEQS * N_POS * VOCAB
     assert log.largest() < n_by_v // 4
+
+
+# llama3-8b's head under DPO: 4 pairs of 1,024 positions, 37% of them masked (the prompt), bf16.
+LLAMA3_8B = {"hidden_shape": (8, 1024, 4096), "n_vocab": 128256, "dtype": torch.bfloat16}
+LLAMA3_8B_VALID = round(1024 * 0.63)  # valid tokens per sequence
+GOAL_ABOVE_INPUTS = 1.7e9  # bytes (TRL's head: +3.4 GB)
+
+
+def test_llama3_8b_single_pass_fits_its_budget():
+    """The planner's account of the fused DPO pass at llama3-8b's shape on the Triton backend: dW in
+    the weight's dtype (no fp32 copy, no second copy in the backward), the tile within
+    memory_budget, all of it ≤ +1.7 GB above the inputs."""
+    from fastpref.api import DEFAULT_MEMORY_BUDGET
+    from fastpref.ops.linear_dpo import single_pass_buffers
+
+    pairs = [2 * LLAMA3_8B_VALID] * 4
+    buffers = single_pass_buffers(**LLAMA3_8B, rows_per_pair=pairs, memory_budget=DEFAULT_MEMORY_BUDGET)
+    print("\n".join(f"{name}: {size / 1e6:.1f} MB" for name, size in buffers.items()))
+    assert buffers["dW (V, H), the weight's dtype"] == 128256 * 4096 * 2
+    tile = buffers["logits tile (rows, V padded), turned into dz in place"]
+    assert 2 * LLAMA3_8B_VALID * 128256 * 2 <= tile <= DEFAULT_MEMORY_BUDGET
+    assert sum(buffers.values()) <= GOAL_ABOVE_INPUTS, f"{sum(buffers.values()) / 1e9:.2f} GB"
+
+
+def test_single_pass_holds_dw_once_in_the_weights_dtype(monkeypatch):
+    """What the planner counts is what the Triton single pass allocates: one (V, H) buffer, in the
+    weight's dtype (fp16 here: the interpreter computes fp16 exactly), from the forward through the
+    backward, which scales it in place; nothing larger than a planned buffer."""
+    from fastpref.ops.linear_dpo import single_pass_buffers
+
+    monkeypatch.setenv("FASTPREF_BACKEND", "triton")
+    hidden = torch.randn(N_SEQS, N_POS, HIDDEN, dtype=torch.float16, requires_grad=True)
+    weight = (torch.randn(VOCAB, HIDDEN) / 8).half().requires_grad_()
+    labels = torch.randint(0, VOCAB, (N_SEQS, N_POS))
+    labels[:, :10] = -100
+    refs = -torch.rand(N_SEQS // 2) * 10, -torch.rand(N_SEQS // 2) * 10
+    budget = 2 * N_POS * VOCAB * 2  # one pair per chunk
+    with AllocationLog() as log:
+        fastpref.linear_dpo_loss(hidden, weight, labels, *refs, memory_budget=budget).loss.backward()
+    weight_sized = [(op, dt) for op, numel, dt in log.outputs if numel == VOCAB * HIDDEN]
+    assert len(weight_sized) == 1 and weight_sized[0][1] == torch.float16, weight_sized
+    planned = single_pass_buffers((N_SEQS, N_POS, HIDDEN), VOCAB, torch.float16, [2 * (N_POS - 10)] * 2, budget)
+    largest = max(numel * dt.itemsize for _, numel, dt in log.outputs)
+    assert largest <= max(planned.values())

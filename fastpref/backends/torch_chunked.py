@@ -42,6 +42,12 @@ def fused_bytes_per_logit(dtype: torch.dtype) -> int:
     return torch.finfo(dtype).bits // 8 + 3 * torch.finfo(compute_dtype(dtype)).bits // 8
 
 
+def fused_dw_accumulator(weight: torch.Tensor) -> torch.Tensor:
+    """Zeros that the single pass accumulates dW into: the compute dtype here (rounding each pair
+    chunk's product to bf16 would bias the gradient)."""
+    return torch.zeros_like(weight, dtype=compute_dtype(weight.dtype))
+
+
 def rows_per_tile(n_cols: int, dtype: torch.dtype, params: HeadParams) -> int:
     """How many rows of n_cols compute-dtype values fit in one tile (at least one)."""
     itemsize = torch.finfo(compute_dtype(dtype)).bits // 8
@@ -191,11 +197,13 @@ def _fold_forward(tile: Callable, y, n_cols, like, params, with_stats):
 
 
 def scatter_outputs(labels, pos, logps, lse, stats):
-    """Compact results -> full-shape logps (...), lse (2, ...), stats (4, ...); zeros elsewhere."""
+    """Compact results -> full-shape logps (...), lse (2, ...), stats (4, ...); zeros elsewhere.
+    The positions ride on lse (`lse.valid_positions`), so that the op's backward needs no sync."""
     full_logps = logps.new_zeros(labels.shape)
     full_logps[pos] = logps
     full_lse = lse.new_zeros((2, *labels.shape))
     full_lse[(slice(None), *pos)] = lse
+    full_lse.valid_positions = pos
     full_stats = None
     if stats is not None:
         full_stats = stats.new_zeros((4, *labels.shape))
@@ -206,10 +214,10 @@ def scatter_outputs(labels, pos, logps, lse, stats):
 # ----------------------------------------------------------------------------- logits path
 
 
-def logits_forward(logits, labels, params: HeadParams, with_stats: bool):
+def logits_forward(logits, labels, params: HeadParams, with_stats: bool, pos=None):
     """(..., V), (...) -> logps (...), lse (2, ...) as (max, log Σ exp(z − max)), stats (4, ...) or
-    None; fp32 (fp64 for fp64 inputs)."""
-    pos = valid_rows(labels, params.ignore_index, logits.shape[-1])
+    None; fp32 (fp64 for fp64 inputs). pos: the valid positions (rows.valid_rows) when known."""
+    pos = valid_rows(labels, params.ignore_index, logits.shape[-1]) if pos is None else pos
     y = labels[pos]
     cdt = compute_dtype(logits.dtype)
     like = logits.new_empty(0, dtype=cdt)
@@ -228,18 +236,20 @@ def _entropy_terms(pos, entropy, grad_entropy, cdt):
 
 
 def logits_backward(
-    logits, labels, lse, grad_logps, params: HeadParams, in_place: bool = False, entropy=None, grad_entropy=None
+    logits, labels, lse, grad_logps, params: HeadParams, in_place: bool = False, entropy=None, grad_entropy=None,
+    pos=None,
 ) -> torch.Tensor:
     """Gradient of Σ grad_logps·logps (+ Σ grad_entropy·entropy when given) w.r.t. logits: (..., V) in
-    the logits' dtype, zero rows at ignored positions; written into the logits' own storage when in_place."""
-    pos = valid_rows(labels, params.ignore_index, logits.shape[-1])
+    the logits' dtype, zero rows at ignored positions; written into the logits' own storage when in_place.
+    pos: the forward's valid positions (no sync), else counted again."""
+    pos = valid_rows(labels, params.ignore_index, logits.shape[-1]) if pos is None else pos
     y, lse, g = labels[pos], lse[(slice(None), *pos)], grad_logps[pos]
     cdt = compute_dtype(logits.dtype)
     g = g.to(cdt)
     ent, g_ent = _entropy_terms(pos, entropy, grad_entropy, cdt)
     if in_place:
         grad = logits
-        grad[labels == params.ignore_index] = 0
+        grad.masked_fill_((labels == params.ignore_index)[..., None], 0)  # (a boolean index would sync)
     else:
         grad = torch.zeros(logits.shape, dtype=logits.dtype, device=logits.device)
     n, n_cols = y.numel(), logits.shape[-1]
@@ -281,9 +291,9 @@ def accumulate_matmul_(acc, a, b) -> None:
         acc.addmm_(a.to(acc.dtype), b.to(acc.dtype))
 
 
-def linear_forward(hidden, weight, bias, labels, params: HeadParams, with_stats: bool):
+def linear_forward(hidden, weight, bias, labels, params: HeadParams, with_stats: bool, pos=None):
     """(..., H), (V, H), (V,) or None, (...) -> logps (...), lse (2, ...), stats (4, ...) or None."""
-    pos = valid_rows(labels, params.ignore_index, weight.shape[0])
+    pos = valid_rows(labels, params.ignore_index, weight.shape[0]) if pos is None else pos
     y, h = labels[pos], hidden[pos]
     cdt = compute_dtype(hidden.dtype)
     like = hidden.new_empty(0, dtype=cdt)
@@ -300,15 +310,15 @@ def _rows(entropy, grad_entropy, r0, r1):
 
 
 def linear_backward(
-    hidden, weight, bias, labels, lse, grad_logps, params: HeadParams, needs, entropy=None, grad_entropy=None
+    hidden, weight, bias, labels, lse, grad_logps, params: HeadParams, needs, entropy=None, grad_entropy=None, pos=None
 ):
     """Gradients of Σ grad_logps·logps (+ Σ grad_entropy·entropy when given) w.r.t. (hidden, weight,
-    bias); None where needs[i] is False.
+    bias); None where needs[i] is False. pos: the forward's valid positions (no sync), else counted again.
 
     Vocab chunks outermost, so one chunk's dW is accumulated in fp32 and written once.
     """
     need_h, need_w, need_b = needs
-    pos = valid_rows(labels, params.ignore_index, weight.shape[0])
+    pos = valid_rows(labels, params.ignore_index, weight.shape[0]) if pos is None else pos
     y, h, lse = labels[pos], hidden[pos], lse[(slice(None), *pos)]
     cdt, dt = compute_dtype(hidden.dtype), hidden.dtype
     g = grad_logps[pos].to(cdt)

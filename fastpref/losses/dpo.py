@@ -161,7 +161,8 @@ def _exo_pair(p: _PairBatch) -> Tensor:
     """EXO (Ji et al. 2024, Eq. 16): KL(softmax(beta * scores) || [1 - e, e]) over {chosen, rejected}."""
     logits = p.beta * p.delta_score
     # TRL takes log(1 - e) and log(e) of a float32 0-dim tensor (kept at float64 for float64 inputs).
-    eps = torch.tensor(p.label_smoothing, dtype=_wide(logits.dtype), device=logits.device)
+    # torch.full, not torch.tensor: a fill on the device, no host-to-device copy (none is allowed under capture)
+    eps = torch.full((), p.label_smoothing, dtype=_wide(logits.dtype), device=logits.device)
     chosen_term = torch.sigmoid(logits) * (F.logsigmoid(logits) - torch.log1p(-eps))
     rejected_term = torch.sigmoid(-logits) * (F.logsigmoid(-logits) - torch.log(eps))
     return chosen_term + rejected_term

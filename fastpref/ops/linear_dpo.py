@@ -5,22 +5,29 @@ sft under WPO weighting). Pairs are grouped into chunks whose logits fit `memory
 chunk, one (rows, V) logits tile of its valid tokens is held: lse and token log-probs -> the
 chunk's sequence log-probs -> each pair's loss (`fastpref.losses`, the very code `dpo_loss` runs)
 -> its gradient w.r.t. every token log-prob -> dz in place -> dh, dW, db. 3 GEMMs, 6·n·H·V flops,
-n the valid tokens; working set one chunk's tile (≤ memory_budget) plus the gradients.
-Backward only scales the stored gradients by the loss's upstream gradient.
+n the valid tokens. Memory (`single_pass_buffers`): one chunk's tile (≤ memory_budget), the chunk's
+hidden rows and their dh (rows, H), and the gradients themselves: dh like hidden, dW (V, H) in the
+weight's dtype on the Triton backend (each chunk's dzᵀ·h accumulates in fp32 inside the GEMM and is
+added to dW once: one rounding per chunk, and chunks are as large as the budget allows), in fp32 on
+the chunked backend. Backward scales the stored gradients by the loss's upstream gradient, in place
+on the Triton backend (no second dW; a second backward through retain_graph=True raises there).
+Host syncs: one (`plan`), none in the backward, none under CUDA-graph capture.
 
 Two passes, for batch-coupled losses, or when one pair's logits exceed memory_budget:
-the same loss over `linear_token_logps_op`, whose backward recomputes tiles of ≤ memory_budget / 4
-bytes (8·n·H·V flops, working set ≈ the tile).
+the same loss over `linear_token_logps_op` (no second sync: the plan's count is passed on), whose
+backward recomputes tiles of ≤ memory_budget bytes on the Triton backend, which holds nothing but
+the tile, ≤ memory_budget / 4 on the chunked one (8·n·H·V flops, working set ≈ the tile).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 
 import torch
 
-from fastpref.backends import backend_for, rows
+from fastpref.backends import backend_for, rows, triton_backend
 from fastpref.backends.torch_chunked import compute_dtype
 from fastpref.losses import PreferenceOutput, dpo_pair_losses, is_batch_coupled, ld_token_weights, wpo_weights
 from fastpref.ops.linear_token_logps import linear_token_logps_op
@@ -100,12 +107,45 @@ def fused_rows_budget(hidden: torch.Tensor, n_vocab: int, memory_budget: int) ->
     return memory_budget // (n_vocab * backend_for(hidden).fused_bytes_per_logit(hidden.dtype))
 
 
+ROW_BYTES = 96  # per row of a chunk: its indices, label, log-prob, lse, statistics and upstream gradient
+POSITION_BYTES = 64  # per position of a chunk's sequences: labels, the sort behind the positions, dense log-probs
+
+
+def single_pass_buffers(
+    hidden_shape: tuple[int, ...], n_vocab: int, dtype: torch.dtype, rows_per_pair: list[int], memory_budget: int,
+    has_bias: bool = False,
+) -> dict[str, int]:  # fmt: skip
+    """Bytes each buffer of the single pass holds beyond its inputs, on the Triton backend, at its peak
+    (inside the largest pair chunk; the backward scales them in place and adds nothing):
+    hidden_shape (M, T, H), dtype the inputs' (and weight's), rows_per_pair the valid rows of each pair."""
+    *lead, n_hidden = hidden_shape
+    n_positions, itemsize = lead[-1], torch.finfo(dtype).bits // 8
+    max_rows = memory_budget // (n_vocab * triton_backend.fused_bytes_per_logit(dtype))
+    chunks = list(_pair_chunks(rows_per_pair, max_rows))
+    rows = max(sum(rows_per_pair[p0:p1]) for p0, p1 in chunks)
+    pairs = max(p1 - p0 for p0, p1 in chunks)
+    buffers = {
+        "dh (like hidden)": math.prod(hidden_shape) * itemsize,
+        "dW (V, H), the weight's dtype": n_vocab * n_hidden * itemsize,
+        "db (V,), fp32": 4 * n_vocab if has_bias else 0,
+        "logits tile (rows, V padded), turned into dz in place": (
+            rows * triton_backend.padded_width(n_vocab, has_bias) * itemsize
+        ),
+        "the chunk's hidden rows (rows, H)": rows * n_hidden * itemsize,
+        "the chunk's dh rows (rows, H)": rows * n_hidden * itemsize,
+        "per-row and per-position vectors": rows * ROW_BYTES + 2 * pairs * n_positions * POSITION_BYTES,
+        "per-pair outputs and reference gradients": 7 * 4 * len(rows_per_pair),
+    }
+    return buffers
+
+
 @dataclass(frozen=True)
 class Plan:
-    """What the single pass needs from the host: valid rows per pair (B ints), or None under CUDA-graph
-    capture, where every position of a pair counts (2·T rows) and is computed."""
+    """What the passes need from the host: valid rows per pair (B ints) and in all, or None under
+    CUDA-graph capture, where every position of a pair counts (2·T rows) and is computed."""
 
     rows_per_pair: list[int] | None
+    n_valid: int | None = None
 
     def rows(self, n_pairs: int, n_positions: int) -> list[int]:
         return [2 * n_positions] * n_pairs if self.rows_per_pair is None else self.rows_per_pair
@@ -126,7 +166,7 @@ def plan(labels, chosen_idx, rejected_idx, n_vocab: int, ignore_index: int) -> P
             raise ValueError(f"{name} must index the {n_seqs} sequences of hidden, got values outside [0, {n_seqs})")
     if n_bad:
         rows.raise_out_of_range(labels, ignore_index, n_vocab)
-    return Plan([valid_counts[i] + valid_counts[j] for i, j in zip(chosen, rejected)])
+    return Plan([valid_counts[i] + valid_counts[j] for i, j in zip(chosen, rejected)], sum(valid_counts))
 
 
 class LinearDPO(torch.autograd.Function):
@@ -149,7 +189,7 @@ class LinearDPO(torch.autograd.Function):
         batch_totals = ((labels[chosen_idx] != head.ignore_index).sum(), n_pairs)
 
         dh = torch.zeros_like(hidden) if need_h else None
-        dw_acc = torch.zeros_like(weight, dtype=cdt) if need_w else None
+        dw_acc = backend.fused_dw_accumulator(weight) if need_w else None
         db_acc = torch.zeros_like(bias, dtype=cdt) if need_b else None
         d_ref = [torch.zeros_like(ref) if need else None for ref, need in ((ref_c, need_ref_c), (ref_r, need_ref_r))]
         outputs = [hidden.new_empty(n_pairs, dtype=cdt) for _ in range(5)]  # loss, rewards, logps
@@ -193,10 +233,11 @@ class LinearDPO(torch.autograd.Function):
 
         ctx.save_for_backward(
             dh,
-            None if dw_acc is None else dw_acc.to(weight.dtype),
+            None if dw_acc is None else dw_acc.to(weight.dtype),  # (no copy where it has the weight's dtype)
             None if db_acc is None else db_acc.to(bias.dtype),
             *d_ref,
         )
+        ctx.in_place = backend is triton_backend and hidden.dtype != torch.float64
         losses, *metrics = outputs
         ctx.mark_non_differentiable(*metrics)
         return (losses.sum() / n_pairs).to(torch.promote_types(hidden.dtype, torch.float32)), *metrics
@@ -208,15 +249,42 @@ class LinearDPO(torch.autograd.Function):
                 "linear_dpo_loss computes its gradients in the forward pass and cannot be differentiated twice "
                 "(create_graph=True, e.g. a gradient penalty); use linear_sequence_logps with dpo_loss for that"
             )
-        dh, dw, db, d_ref_c, d_ref_r = (None if g is None else grad_loss.to(g.dtype) * g for g in ctx.saved_tensors)
+        try:
+            saved = ctx.saved_tensors
+        except RuntimeError as error:  # the first backward scaled them in place
+            raise RuntimeError(
+                "linear_dpo_loss's backward runs once on the Triton backend (it scales its stored gradients in "
+                "place, so that dW is not held twice); compute the loss again instead of a second backward "
+                "with retain_graph=True"
+            ) from error
+        # on the Triton backend each gradient is scaled in place: a second (V, H) dW would cost the
+        # weight's size again (1 GB at llama3-8b's head)
+        def scale(g):
+            if g is None:
+                return None
+            return g.mul_(grad_loss.to(g.dtype)) if ctx.in_place else grad_loss.to(g.dtype) * g
+
+        dh, dw, db, d_ref_c, d_ref_r = map(scale, saved)
         return dh, dw, db, None, d_ref_c, d_ref_r, None, None, None, None
 
 
-def two_pass_dpo(hidden, weight, bias, labels, ref_c, ref_r, chosen_idx, rejected_idx, params: DPOParams):
+def two_pass_tile_bytes(hidden: torch.Tensor, memory_budget: int) -> int:
+    """The two passes' tile: the whole budget on the Triton backend, which holds nothing but the tile;
+    a quarter on the chunked one (its fp32 tile and three temporaries)."""
+    if backend_for(hidden) is triton_backend and hidden.dtype != torch.float64:
+        return memory_budget
+    return memory_budget // 4
+
+
+def two_pass_dpo(
+    hidden, weight, bias, labels, ref_c, ref_r, chosen_idx, rejected_idx, params: DPOParams, host: Plan
+):  # fmt: skip
     """The same loss in two passes: token log-probs with a recomputing backward, then the loss.
     Without gradients (evaluation, `no_grad`, `inference_mode`) it is the forward alone: one GEMM."""
-    head = dataclasses.replace(params.head, tile_bytes=params.memory_budget // 4)
-    tok, _lse, stats = linear_token_logps_op(hidden, weight, bias, labels, *dataclasses.astuple(head), params.use_weighting)
+    head = dataclasses.replace(params.head, tile_bytes=two_pass_tile_bytes(hidden, params.memory_budget))
+    tok, _lse, stats = linear_token_logps_op(
+        hidden, weight, bias, labels, *dataclasses.astuple(head), params.use_weighting, host.n_valid
+    )
     lss_c = lss_r = None
     if params.use_weighting:
         lss_c, lss_r = stats[3][chosen_idx], stats[3][rejected_idx]
@@ -241,4 +309,4 @@ def linear_dpo(hidden, weight, bias, labels, ref_c, ref_r, chosen_idx, rejected_
     fits = max_rows <= fused_rows_budget(hidden, weight.shape[0], params.memory_budget)
     if wants_grad and fits and not batch_coupled:
         return PreferenceOutput(*LinearDPO.apply(*inputs, host))
-    return PreferenceOutput(*two_pass_dpo(*inputs))
+    return PreferenceOutput(*two_pass_dpo(*inputs, host))

@@ -1,6 +1,8 @@
 """Per-token log-probs from logits, as torch.library custom ops with an autograd formula:
 forward keeps lse, backward recomputes the softmax from it. Custom ops with fake (meta)
-implementations let torch.compile(fullgraph=True) trace a step that calls them."""
+implementations let torch.compile(fullgraph=True) trace a step that calls them.
+Host syncs: one in the forward (the label check, and on the chunked backend the valid rows, whose
+positions ride on lse to the backward), none in the backward."""
 
 from typing import Optional
 
@@ -58,12 +60,18 @@ def token_logps_backward_op(
     softcap: Optional[float],
     tile_bytes: Optional[int],
     logit_scale: float,
+    positions: list[Tensor],
 ) -> Tensor:
-    """Gradient w.r.t. logits of Σ grad_logps·logps (+ Σ grad_entropy·entropy): (..., V) in the logits' dtype."""
+    """Gradient w.r.t. logits of Σ grad_logps·logps (+ Σ grad_entropy·entropy): (..., V) in the logits' dtype.
+    positions: the forward's valid positions, where its backend used them (no sync), or []."""
     params = _params(ignore_index, temperature, softcap, tile_bytes, logit_scale)
     return backend_for(logits).logits_backward(
-        logits, labels, lse, grad_logps, params, entropy=entropy, grad_entropy=grad_entropy
+        logits, labels, lse, grad_logps, params, entropy=entropy, grad_entropy=grad_entropy, pos=_tuple(positions)
     )
+
+
+def _tuple(positions):
+    return tuple(positions) or None  # [] when the forward's backend kept none
 
 
 @token_logps_backward_op.register_fake
@@ -84,11 +92,12 @@ def token_logps_backward_inplace_op(
     softcap: Optional[float],
     tile_bytes: Optional[int],
     logit_scale: float,
+    positions: list[Tensor],
 ) -> None:
     """As token_logps_backward, written into the logits' own storage."""
     params = _params(ignore_index, temperature, softcap, tile_bytes, logit_scale)
     backend_for(logits).logits_backward(
-        logits, labels, lse, grad_logps, params, True, entropy=entropy, grad_entropy=grad_entropy
+        logits, labels, lse, grad_logps, params, True, entropy=entropy, grad_entropy=grad_entropy, pos=_tuple(positions)
     )
 
 
@@ -101,6 +110,8 @@ def _setup_context(ctx, inputs, output):
     logits, labels, *options, _with_stats, inplace_backward = inputs
     ctx.save_for_backward(logits, labels, output[1], output[2])
     ctx.options, ctx.inplace_backward = options, inplace_backward
+    positions = getattr(output[1], "valid_positions", None)  # absent on traced (fake) outputs
+    ctx.positions = [] if positions is None else list(positions)
     ctx.set_materialize_grads(False)
     ctx.mark_non_differentiable(output[1])
 
@@ -121,7 +132,7 @@ def _backward(ctx, grad_logps, _grad_lse, grad_stats):
         return no_grads
     logits, labels, lse, stats = ctx.saved_tensors
     grad_logps, entropy, grad_entropy = entropy_grad_terms(grad_logps, grad_stats, lse[0], stats)
-    args = (logits, labels, lse, grad_logps, entropy, grad_entropy, *ctx.options)
+    args = (logits, labels, lse, grad_logps, entropy, grad_entropy, *ctx.options, ctx.positions)
     if ctx.inplace_backward:
         token_logps_backward_inplace_op(*args)
         return (logits,) + no_grads[1:]
