@@ -42,10 +42,12 @@ def test_retrieve_excludes_the_query_prompt_and_keeps_one_demo_per_prompt():
     assert len(demos) == 3 and query not in [d.prompt for d in demos]
     assert len({d.prompt for d in demos}) == 3
     assert all(d.response == next(r["chosen"] for r in PAIRS if r["prompt"] == d.prompt) for d in demos)
-    assert pool.retrieve(query, 0) == []
-    assert len(pool.retrieve(query, 99)) == 5
-    with pytest.raises(ValueError, match="k must"):
-        pool.retrieve(query, -1)
+    assert len(pool.retrieve(query, 5)) == 5
+    with pytest.raises(ValueError, match="k = 99 but the pool holds 5 demonstration"):
+        pool.retrieve(query, 99)  # was: silently all 5
+    for k in (0, -1):  # k = 0 scored every candidate 0
+        with pytest.raises(ValueError, match="k must be an int >= 1"):
+            pool.retrieve(query, k)
 
 
 def test_retrieve_orders_the_most_similar_next_to_the_query():

@@ -477,7 +477,7 @@ def test_reference_cache_key_holds_the_precision_and_a_damaged_file_is_recompute
         again, _ = run("dpo", tmp_path, pairs_file, output_dir=str(tmp_path / "again"), bf16=False,
                        overwrite_output_dir=True, **options)
         assert again["reference"]["cache"] == "miss"
-        assert f"reference cache {path} cannot be used" in capsys.readouterr().out
+        assert f"reference cache {path} cannot be used" in capsys.readouterr().err
         assert again["eval_logps/chosen"] == fp32["eval_logps/chosen"]
     recomputed = torch.load(path, weights_only=True)  # the same numbers again
     assert recomputed["key"] == cached["key"]

@@ -74,7 +74,11 @@ def main(argv: list[str]) -> None:
     loop.Trainer.__init__ = _trainer_init(loop.Trainer.__init__)
     config = parse_config(argv[0], argv[1:])
     dist = init()
-    loop.train(config)
+    try:
+        loop.train(config)
+    except loop.TrainingInterrupted as e:  # SIGINT / SIGTERM: what `fastpref train` prints and its exit status
+        print(f"rank {dist.rank}: {e}", flush=True)
+        sys.exit(130)
     Path(config.output_dir, f"probes_rank{dist.rank}.json").write_text(json.dumps(PROBES, indent=1))
 
 
