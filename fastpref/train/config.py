@@ -337,9 +337,9 @@ def describe_presets(task: str) -> str:
         lines.append(f"  --model {preset}:")
         shared = {**table.get("*", {}), **table.get(config_cls.task, {})}
         for name, value in shared.items():
-            lines.append(f"    --{name} {_shown(value)}  (default {_shown(defaults[name])})")
+            lines.append(f"    --{name} {shown(value)}  (default {shown(defaults[name])})")
         for name, value in table.get("demo", {}).items():
-            lines.append(f"    --{name} {_shown(value)}  (default {_shown(defaults[name])}; only for the demo: --dataset hhh "
+            lines.append(f"    --{name} {shown(value)}  (default {shown(defaults[name])}; only for the demo: --dataset hhh "
                          "in the default output_dir)")
     return "\n".join(lines)
 
@@ -631,11 +631,11 @@ def check_conflicts(config: TrainConfig) -> None:
     """ValueError naming both options of the first pair in CONFLICTS that holds."""
     for a, b, holds, why in CONFLICTS:
         if holds(config):
-            raise ValueError(f"--{a} {_shown(getattr(config, a))} cannot be combined with --{b} "
-                             f"{_shown(getattr(config, b))}: {why}")
+            raise ValueError(f"--{a} {shown(getattr(config, a))} cannot be combined with --{b} "
+                             f"{shown(getattr(config, b))}: {why}")
 
 
-def _shown(value) -> str:
+def shown(value) -> str:
     if isinstance(value, list):
         return " ".join(str(v) for v in value)
     return str(value).lower() if isinstance(value, bool) or value is None else str(value)

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from fastpref.train import checkpoint, distributed, metrics, model_card, modeling, report, run_dir
-from fastpref.train.config import LISTWISE_LOSSES, DPOConfig, SFTConfig, TrainConfig
+from fastpref.train.config import LISTWISE_LOSSES, DPOConfig, SFTConfig, TrainConfig, shown
 from fastpref.train.data import Splits, StepSampler, build_splits, check_dataset_exists, collate, eval_batches
 from fastpref.train.reference import ReferenceModule
 
@@ -669,6 +669,11 @@ def train(config: TrainConfig) -> dict:
     """Run one training job (in this process, or as one rank of a torchrun group); returns its summary."""
     dist = distributed.init()
     setup_logging(dist)
+    applied = getattr(config, "preset_applied", {})
+    if applied:
+        log.info("preset --model %s sets: %s (an option you give wins; `fastpref train %s --list_presets`)",
+                 config.model_name_or_path, ", ".join(f"--{name} {shown(value)} (default {shown(default)})"
+                                                      for name, (default, value) in applied.items()), config.task)
     run = start(config, dist)
     try:
         if isinstance(config, DPOConfig) and config.sft_warmup_steps > 0:
