@@ -264,7 +264,7 @@ def _describe(name: str, contract: HeadContract) -> str:
     return f"{name} ({fields}{extra})"
 
 
-def patch(trainer):
+def patch(trainer: transformers.Trainer) -> transformers.Trainer:
     """Make `trainer` (a TRL 1.16 SFTTrainer, DPOTrainer, KTOTrainer, GRPOTrainer or RLOOTrainer, after
     construction) compute its LM head with fastpref, on the policy and the reference model: the per-token
     log-probs and exactly the statistics the trainer reads. Losses, metrics and logged names stay TRL's own.
