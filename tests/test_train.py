@@ -513,3 +513,25 @@ def test_summary_is_valid_json_and_no_empty_eval_rows(tmp_path, pairs_file, monk
     assert written["train_made_up_metric"] is None
     rows = read_jsonl(out / "metrics.jsonl")
     assert rows and all(set(row) - {"step", "epoch"} for row in rows), rows  # no eval split: no eval rows
+
+
+def test_progress_bar_shows_the_step_it_counts_on_stderr(tmp_path, pairs_file, monkeypatch):
+    """The bar drew the previous step's loss at each update, and wrote its frames to stdout."""
+    import sys as _sys
+
+    import tqdm.auto
+
+    drawn = []
+
+    class Recording(tqdm.auto.tqdm):
+        def update(self, n=1):
+            drawn.append((self.n + n, self.postfix, self.fp))
+            return super().update(n)
+
+    monkeypatch.setattr(tqdm.auto, "tqdm", Recording)
+    run("dpo", tmp_path, pairs_file, max_steps=3, disable_tqdm=False)
+    losses = {r["step"]: r["loss"] for r in read_jsonl(tmp_path / "out" / "metrics.jsonl") if "loss" in r}
+    assert [step for step, _, _ in drawn] == [1, 2, 3]
+    for step, postfix, _ in drawn:
+        assert f"loss={losses[step]:.4f}" in postfix, (step, postfix, losses)
+    assert all(fp is not _sys.stdout and getattr(fp, "file", fp) is not _sys.stdout for _, _, fp in drawn)
