@@ -144,7 +144,7 @@ def test_bad_numeric_options_fail_at_parse_time(argv, message):
 
 def test_center_rewards_coefficient_is_checked():
     with pytest.raises(ValueError, match="--center_rewards_coefficient must be a finite number"):
-        parse_config("rm", ["--model", "/some/dir", "--center_rewards_coefficient", "nan"])
+        parse_config("reward", ["--model", "/some/dir", "--center_rewards_coefficient", "nan"])
 
 
 def test_a_non_finite_learning_rate_stops_the_cli_before_anything_loads(tmp_path, capsys):
@@ -280,8 +280,6 @@ CONFLICT_EXAMPLES = {
     ("reference_free", "precompute_ref_log_probs"): ("dpo", ["--reference_free", "--precompute_ref_log_probs"]),
     ("loss_type", "precompute_ref_log_probs"): ("dpo", ["--loss_type", "sft", "--precompute_ref_log_probs"]),
     ("loss_type", "use_weighting"): ("dpo", ["--loss_type", "aot", "--use_weighting"]),
-    ("precompute_ref_batch_size", "precompute_ref_log_probs"): ("dpo", ["--precompute_ref_batch_size", "4"]),
-    ("ref_cache_dir", "precompute_ref_log_probs"): ("dpo", ["--ref_cache_dir", "/tmp/c"]),
     ("sft_warmup_learning_rate", "sft_warmup_steps"): ("dpo", ["--sft_warmup_learning_rate", "1e-5"]),
     ("sft_warmup_steps", "use_peft"): ("dpo", ["--sft_warmup_steps", "5", "--use_peft"]),
     ("assistant_only_loss", "completion_only_loss"): ("sft", ["--assistant_only_loss", "--completion_only_loss",

@@ -209,7 +209,7 @@ def test_dpo_learns_the_preference(tmp_path, pairs_file):
 
 
 def test_reward_model_end_to_end(tmp_path, pairs_file):
-    summary, out = run("rm", tmp_path, pairs_file, save_steps=3, max_steps=6, learning_rate=3e-3)
+    summary, out = run("reward", tmp_path, pairs_file, save_steps=3, max_steps=6, learning_rate=3e-3)
     rows = [r for r in read_jsonl(out / "metrics.jsonl") if "loss" in r]
     assert {"loss", "accuracy", "margin", "rewards/chosen", "rewards/rejected", "grad_norm"} <= set(rows[0])
     model = transformers.AutoModelForSequenceClassification.from_pretrained(out)
