@@ -22,6 +22,7 @@ from fastpref.bench import accuracy, linear, logits, machine, plot, report
 from fastpref.bench.configs import CONFIGS, IGNORE_INDEX, BenchConfig, default_configs
 from fastpref.bench.measure import time_and_peak, time_ms
 from fastpref.bench.workload import Inputs, Method, Workload
+from fastpref.cli import ArgumentParser
 
 OPS = {"logits": logits.WORKLOADS, "linear": linear.WORKLOADS}
 METHOD_NAMES = tuple(dict.fromkeys(m.name for workloads in OPS.values() for w in workloads for m in w.methods))
@@ -158,15 +159,8 @@ def run(
     return records
 
 
-class _Parser(argparse.ArgumentParser):
-    """One-line errors that point to --help, as the rest of the `fastpref` command."""
-
-    def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
-
-
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = _Parser(prog="fastpref bench", description=__doc__.split("\n")[0],
+    parser = ArgumentParser(prog="fastpref bench", description=__doc__.split("\n")[0],
                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="small shapes, few repeats (a CPU in under a minute)")
     parser.add_argument("--op", choices=(*OPS, "all"), default="all")

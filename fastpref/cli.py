@@ -43,21 +43,25 @@ def version() -> str:
         return "unknown (not installed)"
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse with one-line errors that point to --help (not the whole usage)."""
+class OneLineErrors:
+    """Mixed into an argparse parser: a usage error is one line that points to --help (not the whole usage)."""
 
     def error(self, message):
         self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
 
 
+class ArgumentParser(OneLineErrors, argparse.ArgumentParser):
+    """The parser of every `fastpref` command."""
+
+
 def _top_parser() -> argparse.ArgumentParser:
-    parser = _Parser(
+    parser = ArgumentParser(
         prog="fastpref", description="fastpref: fused log-prob and preference-loss heads.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="Run `fastpref train <task> --help` for a task's options.",
     )
     parser.add_argument("--version", action="version", version=f"fastpref {version()}")
-    commands = parser.add_subparsers(dest="command", metavar="command", parser_class=_Parser)
+    commands = parser.add_subparsers(dest="command", metavar="command", parser_class=ArgumentParser)
     train = commands.add_parser("train", help="train a model (sft, dpo, reward)", add_help=True)
     train.add_argument("task", choices=sorted(TASKS), help="; ".join(f"{k}: {v}" for k, v in TASKS.items()))
     commands.add_parser("bench", help="benchmarks vs the textbook head and TRL / Liger / CCE (`fastpref bench --help`)")
@@ -66,7 +70,7 @@ def _top_parser() -> argparse.ArgumentParser:
 
 
 def _score_parser() -> argparse.ArgumentParser:
-    parser = _Parser(
+    parser = ArgumentParser(
         prog="fastpref score", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         description="Rank candidate responses to a prompt by ICDPO's s = log p(y | demos, x) - log p(y | x): k "
         "demonstrations (prompt, chosen) retrieved by BM25 from a preference file (fastpref.icdpo).",

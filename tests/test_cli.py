@@ -90,7 +90,18 @@ def test_bench_command_reaches_the_harness(capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["bench", "--help"])
     assert exit_info.value.code == 0
-    assert "--quick" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "--quick" in out and out.startswith("usage: fastpref bench")  # was: python -m fastpref.bench
+    assert "--time_box SECONDS, --time-box SECONDS" in out  # underscores as everywhere else; the dashes an alias
+
+
+def test_bench_writes_into_the_working_directory_by_default(tmp_path, monkeypatch):
+    """`--out` defaulted to the package's own folder (site-packages once installed)."""
+    from fastpref.bench.harness import parse_args
+
+    monkeypatch.chdir(tmp_path)
+    assert parse_args([]).out.resolve() == tmp_path / "bench_results"
+    assert parse_args(["--time-box", "5"]).time_box == parse_args(["--time_box", "5"]).time_box == 5.0
 
 
 def test_version(capsys):
@@ -207,7 +218,8 @@ def _bool_options(task):
     from fastpref.train.config import CONFIGS
 
     hints = typing.get_type_hints(CONFIGS[task])
-    return sorted(name for name, hint in hints.items() if hint is bool or set(typing.get_args(hint)) == {bool, type(None)})
+    return sorted(name for name, hint in hints.items()
+                  if hint is bool or set(typing.get_args(hint)) == {bool, type(None)})
 
 
 @pytest.mark.parametrize("task", ["sft", "dpo", "reward"])

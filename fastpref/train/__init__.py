@@ -1,4 +1,4 @@
-"""fastpref's lean training loop (`fastpref train sft|dpo|rm`): data, the model's head boundary,
+"""fastpref's lean training loop (`fastpref train sft|dpo|reward`): data, the model's head boundary,
 the loop, checkpoints, metrics and plots. Needs the `train` extra (transformers, PyYAML, tqdm,
 matplotlib, datasets)."""
 

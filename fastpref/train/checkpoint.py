@@ -174,7 +174,8 @@ def write_model(folder: Path, model: nn.Module, dist: Dist) -> None:
         shutil.rmtree(sharded)
 
 
-def write_configs(folder: Path, model: nn.Module, tokenizer, card: str | None = None, model_config: bool = True) -> None:
+def write_configs(folder: Path, model: nn.Module, tokenizer, card: str | None = None,
+                  model_config: bool = True) -> None:
     """config.json (+ generation_config.json), the tokenizer, as save_pretrained writes them, and the model card
     (rank 0). model_config=False: no config.json (a LoRA checkpoint loads through its adapter_config.json)."""
     if model_config:

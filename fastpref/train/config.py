@@ -21,6 +21,8 @@ import typing
 from dataclasses import dataclass, field
 from typing import Literal
 
+from fastpref.cli import OneLineErrors
+
 LISTWISE_LOSSES = ("rrhf", "pro")
 REFERENCE_FREE_LOSSES = ("simpo", "cpo", "orpo", *LISTWISE_LOSSES)
 
@@ -339,21 +341,18 @@ def describe_presets(task: str) -> str:
         for name, value in shared.items():
             lines.append(f"    --{name} {shown(value)}  (default {shown(defaults[name])})")
         for name, value in table.get("demo", {}).items():
-            lines.append(f"    --{name} {shown(value)}  (default {shown(defaults[name])}; only for the demo: --dataset hhh "
-                         "in the default output_dir)")
+            lines.append(f"    --{name} {shown(value)}  (default {shown(defaults[name])}; only for the demo: "
+                         "--dataset hhh in the default output_dir)")
     return "\n".join(lines)
 
 
-class _Parser:
-    """Mixed into transformers' HfArgumentParser: errors in one line plus a pointer to --help, negative and
-    scientific numbers read as values (`--learning_rate -1e-5`), and every boolean takes a bare flag (`--bf16`)."""
+class _Parser(OneLineErrors):
+    """Mixed into transformers' HfArgumentParser: errors in one line plus a pointer to --help, and negative and
+    scientific numbers read as values (`--learning_rate -1e-5`)."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self._negative_number_matcher = re.compile(r"^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$|^-inf$|^-nan$")
-
-    def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
 
 
 def _bare_booleans(parser: argparse.ArgumentParser, config_cls: type[TrainConfig]) -> None:
