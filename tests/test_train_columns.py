@@ -11,7 +11,7 @@ import torch
 
 pytest.importorskip("transformers")
 
-from test_train import model_dir, tokenizer_dir, write_jsonl  # noqa: E402
+from test_train import model_dir, write_jsonl  # noqa: E402
 
 from fastpref.train import make_config, modeling  # noqa: E402
 from fastpref.train.data import DOCUMENTED_COLUMNS, build_splits, collate  # noqa: E402

