@@ -50,20 +50,27 @@ class TrainingInterrupted(Exception):
 
 
 class StopSignals:
-    """While active, SIGINT and SIGTERM only set `received` (the step under way finishes); a second one stops at
-    once (KeyboardInterrupt). Handlers are installed only in the main thread, and restored on exit."""
+    """While active, SIGINT and SIGTERM only set `received` (the step under way finishes); one more, REPEAT_S or
+    more after the first, stops at once (KeyboardInterrupt). Closer ones count as the same request: a Ctrl-C under
+    torchrun reaches each worker twice, from the terminal and forwarded by torchrun's agent. Handlers are installed
+    only in the main thread, and restored on exit."""
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
+    REPEAT_S = 3.0
 
     def __init__(self):
         self.received: int | None = None
+        self._first = 0.0
         self._previous: dict = {}
 
     def _handle(self, signum, frame):
         if self.received is not None:
-            raise KeyboardInterrupt
-        self.received = signum
-        log.warning("%s: stopping after this step (again to stop at once)", signal.Signals(signum).name)
+            if time.monotonic() - self._first >= self.REPEAT_S:
+                raise KeyboardInterrupt
+            return
+        self.received, self._first = signum, time.monotonic()
+        log.warning("%s: stopping after this step (once more, %g s from now, to stop at once)",
+                    signal.Signals(signum).name, self.REPEAT_S)
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():
