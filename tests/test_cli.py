@@ -251,14 +251,14 @@ def test_negative_and_scientific_numbers_parse():
     ["bench", "--bogus-option"],
     ["train", "kto"],
 ])
-def test_argparse_errors_are_one_line_and_point_to_help(argv):
+def test_argparse_errors_are_one_line_and_point_to_help(argv, capsys):
     """Was: the whole 63-line usage before the message."""
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    result = subprocess.run([sys.executable, "-m", "fastpref.cli", *argv], env=env, capture_output=True, text=True,
-                            timeout=120, cwd=REPO)
-    assert result.returncode == 2
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and "error:" in lines[0] and "--help" in lines[0], result.stderr
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "error:" in lines[0] and "--help" in lines[0], err
 
 
 def test_an_unsupported_task_is_named_with_what_to_use(capsys):
