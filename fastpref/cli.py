@@ -110,8 +110,10 @@ def _score(argv: list[str]) -> int:
         demos = pool.retrieve(args.prompt, args.k)
         model, tokenizer = load_model_and_tokenizer(args.model, "dpo", seed=0)
         positions = getattr(model.config.get_text_config(), "max_position_embeddings", None)
-        if args.max_length is None or (positions and args.max_length > positions):
+        limit = f"--max_length {args.max_length}"
+        if positions and (args.max_length is None or args.max_length > positions):
             args.max_length = positions  # a longer context than the model has positions scores garbage
+            limit = f"the model's max_position_embeddings {positions}"
         scores = icdpo.score(model, tokenizer, args.prompt, args.candidates, demos,
                              batch_size=args.batch_size, max_length=args.max_length)
     except (ValueError, FileNotFoundError, ImportError) as e:
@@ -126,7 +128,7 @@ def _score(argv: list[str]) -> int:
     kept = demos[len(demos) - used:]  # the least similar ones go first
     if used < len(demos):
         print(f"fastpref score: note: {len(demos) - used} of the {len(demos)} demonstrations dropped so that the "
-              f"longest candidate fits --max_length {args.max_length}; k = {used}", file=sys.stderr)
+              f"longest candidate fits {limit}; k = {used}", file=sys.stderr)
     if args.json:
         result = {"prompt": args.prompt, "k": used, "demonstrations": [d.prompt for d in kept],
                   "demonstrations_dropped": len(demos) - used, "ranked": ranked}
