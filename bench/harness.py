@@ -4,7 +4,7 @@ Per method: fresh inputs; one fwd+bwd on a copy of them, checked against the hig
 reference (this first call also warms compile caches and autotuners); then per mode the time
 (p20/p50/p80 ms) and the peak extra memory. A method that cannot run here is skipped with a note.
 
-    python -m fastpref.bench [--quick] [--op logits|linear|all] [--configs ...] [--methods ...] [--time-box S]
+    fastpref bench [--quick] [--op logits|linear|all] [--configs ...] [--methods ...] [--time_box S] [--out DIR]
 """
 
 from __future__ import annotations
@@ -22,10 +22,11 @@ from fastpref.bench import accuracy, linear, logits, machine, plot, report
 from fastpref.bench.configs import CONFIGS, IGNORE_INDEX, BenchConfig, default_configs
 from fastpref.bench.measure import time_and_peak, time_ms
 from fastpref.bench.workload import Inputs, Method, Workload
+from fastpref.cli import ArgumentParser
 
 OPS = {"logits": logits.WORKLOADS, "linear": linear.WORKLOADS}
 METHOD_NAMES = tuple(dict.fromkeys(m.name for workloads in OPS.values() for w in workloads for m in w.methods))
-RESULTS = Path(__file__).parent / "results"
+OUT = Path("bench_results")  # in the working directory, never inside the installed package
 UNITS = {"GB/s": ("gbps", 1e9), "TFLOP/s": ("tflops", 1e12)}  # record field, and the unit's size
 
 
@@ -138,7 +139,7 @@ def run(
             bar.set_postfix_str(f"{config.name} {workload.name} {method.name}")
             reason = method.unavailable(config, device)
             if not reason and deadline is not None and time.monotonic() > deadline:
-                reason = "the time box (--time-box) was spent"
+                reason = "the time box (--time_box) was spent"
             if reason:
                 notes.setdefault(f"{method.name} ({workload.name}): skipped, {reason}", []).append(config.name)
                 continue
@@ -159,7 +160,8 @@ def run(
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m fastpref.bench", description=__doc__.split("\n")[0])
+    parser = ArgumentParser(prog="fastpref bench", description=__doc__.split("\n")[0],
+                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="small shapes, few repeats (a CPU in under a minute)")
     parser.add_argument("--op", choices=(*OPS, "all"), default="all")
     parser.add_argument(
@@ -179,9 +181,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, help="CPU threads (1 gives steadier timings beside other work)")
-    parser.add_argument("--out", type=Path, default=RESULTS, help="where <op>.jsonl and <op>.png go")
+    parser.add_argument("--out", type=Path, default=OUT, help="where <op>.jsonl and <op>.png go")
     parser.add_argument(
-        "--time-box",
+        "--time_box", "--time-box",  # the dashed name of earlier versions stays an alias
         type=float,
         metavar="SECONDS",
         help="start no measurement after this many seconds of the run; those left are skipped with a note",

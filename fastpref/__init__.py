@@ -1,6 +1,9 @@
 """fastpref: log-probs and preference losses from a language model's head, without tokens x vocab
 tensors. The public API (DESIGN.md) is re-exported here."""
 
+from importlib.metadata import PackageNotFoundError
+from importlib.metadata import version as _installed_version
+
 from fastpref.api import (
     TokenStats,
     bt_loss,
@@ -25,6 +28,11 @@ from fastpref.losses import (
     simpo_loss,
     wpo_weights,
 )
+
+try:
+    __version__ = _installed_version("fastpref")
+except PackageNotFoundError:  # imported from a source tree that was never installed
+    __version__ = "0+unknown"
 
 __all__ = [
     "LOSS_TYPES",

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from collections.abc import Sequence
 from typing import NamedTuple
 
 import torch
@@ -80,16 +81,16 @@ def _stats(stats: torch.Tensor) -> TokenStats:
 
 
 def token_logps(
-    logits,
-    labels,
+    logits: torch.Tensor,
+    labels: torch.Tensor,
     *,
-    ignore_index=-100,
-    temperature=1.0,
-    softcap=None,
-    logit_scale=1.0,
-    return_stats=False,
-    inplace_backward=False,
-):
+    ignore_index: int = -100,
+    temperature: float = 1.0,
+    softcap: float | None = None,
+    logit_scale: float = 1.0,
+    return_stats: bool = False,
+    inplace_backward: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, TokenStats]:
     """log p(label) per position, never holding an fp32 copy of the logits.
 
     logits (..., V) float, labels (...) int -> (...) float32; with return_stats=True,
@@ -126,8 +127,11 @@ def _check_linear(hidden, weight, labels, bias, ignore_index, temperature, softc
     if weight.dim() != 2:
         raise ValueError(f"weight must be (V, H), got shape {tuple(weight.shape)}")
     if hidden.dim() < 1 or hidden.shape[-1] != weight.shape[1]:
+        transposed = hidden.dim() >= 1 and hidden.shape[-1] == weight.shape[0]
         raise ValueError(
             f"hidden's last dim must equal weight's H={weight.shape[1]}, got hidden shape {tuple(hidden.shape)}"
+            + (f"; weight {tuple(weight.shape)} looks transposed: pass the (V, H) lm_head.weight, not its .T"
+               if transposed else "")
         )
     if weight.dtype != hidden.dtype:
         raise TypeError(f"weight must have hidden's dtype {hidden.dtype}, got {weight.dtype}")
@@ -142,17 +146,17 @@ def _check_linear(hidden, weight, labels, bias, ignore_index, temperature, softc
 
 
 def linear_token_logps(
-    hidden,
-    weight,
-    labels,
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
     *,
-    bias=None,
-    ignore_index=-100,
-    temperature=1.0,
-    softcap=None,
-    logit_scale=1.0,
-    return_stats=False,
-):
+    bias: torch.Tensor | None = None,
+    ignore_index: int = -100,
+    temperature: float = 1.0,
+    softcap: float | None = None,
+    logit_scale: float = 1.0,
+    return_stats: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, TokenStats]:
     """log p(label) per position from hidden states and the lm_head, without a (N, V) tensor.
 
     hidden (..., H), weight (V, H), labels (...), bias (V,) or None -> (...) float32 (with
@@ -171,7 +175,7 @@ def _check_values_mask(values, mask):
     check_same_device(values=values, mask=mask)
 
 
-def masked_sum(values, mask):
+def masked_sum(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Σ_t values·mask over the last dim: (B, T), (B, T) bool or float weights -> (B,).
 
     Masked-out values never reach the result, even when they are inf or NaN.
@@ -182,7 +186,7 @@ def masked_sum(values, mask):
     return torch.where(weights != 0, values.to(dtype) * weights, 0.0).sum(-1)
 
 
-def masked_mean(values, mask):
+def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """masked_sum / Σ mask over the last dim (a weighted mean for float weights), 0 where Σ mask is 0:
     (B, T), (B, T) -> (B,)."""
     total = masked_sum(values, mask)
@@ -196,16 +200,16 @@ def _reduce(per_token, labels, ignore_index, reduction):
 
 
 def sequence_logps(
-    logits,
-    labels,
+    logits: torch.Tensor,
+    labels: torch.Tensor,
     *,
-    reduction="sum",
-    ignore_index=-100,
-    temperature=1.0,
-    softcap=None,
-    logit_scale=1.0,
-    inplace_backward=False,
-):
+    reduction: str = "sum",
+    ignore_index: int = -100,
+    temperature: float = 1.0,
+    softcap: float | None = None,
+    logit_scale: float = 1.0,
+    inplace_backward: bool = False,
+) -> torch.Tensor:
     """Sum (or mean) of token log-probs per sequence: (B, T, V), (B, T) -> (B,) float32.
     inplace_backward as in `token_logps`."""
     check_choice("reduction", reduction, ("sum", "mean"))
@@ -225,17 +229,17 @@ def sequence_logps(
 
 
 def linear_sequence_logps(
-    hidden,
-    weight,
-    labels,
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
     *,
-    reduction="sum",
-    bias=None,
-    ignore_index=-100,
-    temperature=1.0,
-    softcap=None,
-    logit_scale=1.0,
-):
+    reduction: str = "sum",
+    bias: torch.Tensor | None = None,
+    ignore_index: int = -100,
+    temperature: float = 1.0,
+    softcap: float | None = None,
+    logit_scale: float = 1.0,
+) -> torch.Tensor:
     """Sum (or mean) of token log-probs per sequence from hidden states and the lm_head:
     (B, T, H), (V, H), (B, T) -> (B,) float32, without a (N, V) tensor."""
     check_choice("reduction", reduction, ("sum", "mean"))
@@ -281,31 +285,31 @@ def _pair_indices(pairs, n_seqs: int, device):
 
 
 def linear_dpo_loss(
-    hidden,
-    weight,
-    labels,
-    ref_chosen_logps,
-    ref_rejected_logps,
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    ref_chosen_logps: torch.Tensor | None,
+    ref_rejected_logps: torch.Tensor | None,
     *,
-    beta=0.1,
-    loss_type="sigmoid",
-    pairs=None,
-    memory_budget=None,
-    bias=None,
-    ignore_index=-100,
-    temperature=1.0,
-    softcap=None,
-    logit_scale=1.0,
-    loss_weights=None,
-    label_smoothing=0.0,
-    reference_free=False,
-    f_divergence_type="reverse_kl",
-    f_alpha_divergence_coef=0.5,
-    discopop_tau=0.05,
-    bco_delta=None,
-    ld_alpha=None,
-    use_weighting=False,
-):
+    beta: float = 0.1,
+    loss_type: str | Sequence[str] = "sigmoid",
+    pairs: tuple[torch.Tensor, torch.Tensor] | None = None,
+    memory_budget: int | None = None,
+    bias: torch.Tensor | None = None,
+    ignore_index: int = -100,
+    temperature: float = 1.0,
+    softcap: float | None = None,
+    logit_scale: float = 1.0,
+    loss_weights: Sequence[float] | None = None,
+    label_smoothing: float = 0.0,
+    reference_free: bool = False,
+    f_divergence_type: str = "reverse_kl",
+    f_alpha_divergence_coef: float = 0.5,
+    discopop_tau: float = 0.05,
+    bco_delta: float | None = None,
+    ld_alpha: float | None = None,
+    use_weighting: bool = False,
+) -> losses.PreferenceOutput:
     """DPO-family loss from hidden states and the lm_head, logits never held whole.
 
     hidden (M, T, H), weight (V, H), labels (M, T); sequences are chosen-then-rejected halves
@@ -360,7 +364,8 @@ def _sigmoid_kernel_serves(tensor: torch.Tensor, *refs) -> bool:
     """The pairwise sigmoid kernel runs on the Triton backend, for fp16/bf16/fp32 inputs and
     constant references (its backward gives no gradient to them)."""
     return (
-        backend_for(tensor) is not torch_chunked
+        isinstance(tensor, torch.Tensor)  # anything else goes to the torch losses, whose checks name the argument
+        and backend_for(tensor) is not torch_chunked
         and tensor.dtype != torch.float64
         and not any(r is not None and r.requires_grad for r in refs)
     )

@@ -25,6 +25,13 @@ TASKS = {
 }
 
 
+# TRL trainers `fastpref train` does not run, and what to use instead
+UNSUPPORTED_TASKS = {
+    name: f"; for {name.upper()} use TRL's {trainer} with fastpref.integrations.trl.patch(trainer)"
+    for name, trainer in (("kto", "KTOTrainer"), ("grpo", "GRPOTrainer"), ("rloo", "RLOOTrainer"))
+}
+
+
 def version() -> str:
     """The installed distribution's version."""
     from importlib.metadata import PackageNotFoundError
@@ -36,24 +43,35 @@ def version() -> str:
         return "unknown (not installed)"
 
 
+class OneLineErrors:
+    """Mixed into an argparse parser: a usage error is one line that points to --help (not the whole usage)."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
+
+
+class ArgumentParser(OneLineErrors, argparse.ArgumentParser):
+    """The parser of every `fastpref` command."""
+
+
 def _top_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="fastpref", description="fastpref: fused log-prob and preference-loss heads.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="Run `fastpref train <task> --help` for a task's options.",
     )
     parser.add_argument("--version", action="version", version=f"fastpref {version()}")
-    commands = parser.add_subparsers(dest="command", metavar="command")
+    commands = parser.add_subparsers(dest="command", metavar="command", parser_class=ArgumentParser)
     train = commands.add_parser("train", help="train a model (sft, dpo, reward)", add_help=True)
     train.add_argument("task", choices=sorted(TASKS), help="; ".join(f"{k}: {v}" for k, v in TASKS.items()))
-    commands.add_parser("bench", help="benchmarks vs the textbook head and TRL / Liger / CCE (python -m fastpref.bench)")
+    commands.add_parser("bench", help="benchmarks vs the textbook head and TRL / Liger / CCE (`fastpref bench --help`)")
     commands.add_parser("score", help="rank candidate responses by in-context preference (ICDPO)")
     return parser
 
 
 def _score_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="fastpref score",
+    parser = ArgumentParser(
+        prog="fastpref score", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         description="Rank candidate responses to a prompt by ICDPO's s = log p(y | demos, x) - log p(y | x): k "
         "demonstrations (prompt, chosen) retrieved by BM25 from a preference file (fastpref.icdpo).",
     )
@@ -65,18 +83,25 @@ def _score_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--demonstrations", default="hhh", help="preference JSONL (prompt / chosen / rejected strings) or 'hhh'"
     )
-    parser.add_argument("--k", type=int, default=2, help="demonstrations in the expert context")
+    parser.add_argument("--k", type=int, default=2,
+                        help="demonstrations in the expert context (1 to the pool's number of distinct prompts)")
     parser.add_argument("--batch_size", type=int, default=8, help="sequences per forward pass")
     parser.add_argument(
         "--max_length", type=int, default=None,
-        help="drop the least similar demonstrations until context + the longest candidate fit (the output says so)",
+        help="drop the least similar demonstrations until context + the longest candidate fit (the output says so); "
+        "None or more than the model's max_position_embeddings: the model's max_position_embeddings",
     )
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
     return parser
 
 
 def _score(argv: list[str]) -> int:
-    args = _score_parser().parse_args(argv)
+    parser = _score_parser()
+    args = parser.parse_args(argv)
+    for name in ("k", "batch_size", "max_length"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            parser.error(f"--{name} must be >= 1, got {value}")
     from fastpref import icdpo
     from fastpref.train.modeling import load_model_and_tokenizer
 
@@ -84,6 +109,11 @@ def _score(argv: list[str]) -> int:
         pool = icdpo.DemonstrationPool(icdpo.read_pairs(args.demonstrations))
         demos = pool.retrieve(args.prompt, args.k)
         model, tokenizer = load_model_and_tokenizer(args.model, "dpo", seed=0)
+        positions = getattr(model.config.get_text_config(), "max_position_embeddings", None)
+        limit = f"--max_length {args.max_length}"
+        if positions and (args.max_length is None or args.max_length > positions):
+            args.max_length = positions  # a longer context than the model has positions scores garbage
+            limit = f"the model's max_position_embeddings {positions}"
         scores = icdpo.score(model, tokenizer, args.prompt, args.candidates, demos,
                              batch_size=args.batch_size, max_length=args.max_length)
     except (ValueError, FileNotFoundError, ImportError) as e:
@@ -98,7 +128,7 @@ def _score(argv: list[str]) -> int:
     kept = demos[len(demos) - used:]  # the least similar ones go first
     if used < len(demos):
         print(f"fastpref score: note: {len(demos) - used} of the {len(demos)} demonstrations dropped so that the "
-              f"longest candidate fits --max_length {args.max_length}; k = {used}", file=sys.stderr)
+              f"longest candidate fits {limit}; k = {used}", file=sys.stderr)
     if args.json:
         result = {"prompt": args.prompt, "k": used, "demonstrations": [d.prompt for d in kept],
                   "demonstrations_dropped": len(demos) - used, "ranked": ranked}
@@ -131,23 +161,30 @@ def main(argv: list[str] | None = None) -> int:
     if len(argv) < 2 or argv[1] not in TASKS:
         if len(argv) >= 2 and argv[1] in ("-h", "--help"):
             parser.parse_args(argv)  # prints `train`'s help and exits
-        parser.error(f"`fastpref train` needs a task: {', '.join(sorted(TASKS))}")
+        if len(argv) < 2 or argv[1].startswith("-"):
+            parser.error(f"`fastpref train` needs a task: {', '.join(sorted(TASKS))}")
+        hint = UNSUPPORTED_TASKS.get(argv[1], "")
+        parser.error(f"unknown task {argv[1]!r} for `fastpref train`; choose one of {', '.join(sorted(TASKS))} "
+                     f"(`rm` is an alias of reward){hint}")
     task, options = argv[1], argv[2:]
     try:
         from fastpref.requirements import check
 
         check("train", "fastpref train")
-        from fastpref.train.config import parse_config
+        from fastpref.train.config import describe_presets, parse_config
     except ImportError as e:
         print(f"fastpref train {task}: error: {e}", file=sys.stderr)
         return 1
+    if "--list_presets" in options:
+        print(describe_presets(task))
+        return 0
     try:
         config = parse_config(task, options, prog=f"fastpref train {task}")
     except (ValueError, TypeError, FileNotFoundError) as e:
         print(f"fastpref train {task}: error: {e}", file=sys.stderr)
         return 2
     from fastpref.train import distributed
-    from fastpref.train.loop import TrainingStopped, train
+    from fastpref.train.loop import TrainingInterrupted, TrainingStopped, train
 
     dist = distributed.init()
     try:
@@ -158,6 +195,15 @@ def main(argv: list[str] | None = None) -> int:
     except TrainingStopped as e:
         print(f"fastpref train {task}: stopped: {e}", file=sys.stderr)
         return 1
+    except TrainingInterrupted as e:  # SIGINT / SIGTERM during training: checkpoint written on every rank
+        if dist.main:
+            print(f"fastpref train {task}: {e}", file=sys.stderr)
+        return 130
+    except KeyboardInterrupt:  # before the first step, or a second Ctrl-C: no checkpoint of this moment
+        if dist.main:
+            print(f"fastpref train {task}: interrupted before a checkpoint could be written; "
+                  f"earlier checkpoints, if any, are in {config.run_dir()}", file=sys.stderr)
+        return 130
     finally:
         distributed.shutdown(dist)
     if dist.main:

@@ -119,13 +119,16 @@ class DemonstrationPool:
     def retrieve(self, prompt: str, k: int) -> list[Demonstration]:
         """The k most similar demonstrations, least similar first (the best one next to the query);
         any demonstration of `prompt` itself is left out."""
-        if not isinstance(k, int) or isinstance(k, bool) or k < 0:
-            raise ValueError(f"k must be a non-negative int, got {k!r}")
+        if not isinstance(k, int) or isinstance(k, bool) or k < 1:  # k = 0: expert == amateur, every score 0
+            raise ValueError(f"k must be an int >= 1 (ICDPO scores against k demonstrations), got {k!r}")
         scores = self.bm25.scores(prompt)
         order = sorted(range(len(scores)), key=lambda i: -scores[i])
         own = prompt.strip()
-        chosen = [self.demonstrations[i] for i in order if self.demonstrations[i].prompt.strip() != own][:k]
-        return chosen[::-1]
+        candidates = [self.demonstrations[i] for i in order if self.demonstrations[i].prompt.strip() != own]
+        if k > len(candidates):
+            raise ValueError(f"k = {k} but the pool holds {len(candidates)} demonstration(s) of other prompts: "
+                             f"choose k <= {len(candidates)}")
+        return candidates[:k][::-1]
 
 
 # --- contexts ---

@@ -142,7 +142,7 @@ def test_a_spent_time_box_skips_what_is_left_with_a_note():
     notes = {}
     records = harness.run(logits.WORKLOADS, [TINY], ["textbook"], CPU, repeats=1, notes=notes, deadline=0.0)
     assert records == []
-    assert notes == {"textbook (sequence_logps): skipped, the time box (--time-box) was spent": ["cpu-tiny"]}
+    assert notes == {"textbook (sequence_logps): skipped, the time box (--time_box) was spent": ["cpu-tiny"]}
 
 
 @pytest.mark.parametrize("method", cpu_memory.METHOD_NAMES)

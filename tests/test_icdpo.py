@@ -42,10 +42,12 @@ def test_retrieve_excludes_the_query_prompt_and_keeps_one_demo_per_prompt():
     assert len(demos) == 3 and query not in [d.prompt for d in demos]
     assert len({d.prompt for d in demos}) == 3
     assert all(d.response == next(r["chosen"] for r in PAIRS if r["prompt"] == d.prompt) for d in demos)
-    assert pool.retrieve(query, 0) == []
-    assert len(pool.retrieve(query, 99)) == 5
-    with pytest.raises(ValueError, match="k must"):
-        pool.retrieve(query, -1)
+    assert len(pool.retrieve(query, 5)) == 5
+    with pytest.raises(ValueError, match="k = 99 but the pool holds 5 demonstration"):
+        pool.retrieve(query, 99)  # was: silently all 5
+    for k in (0, -1):  # k = 0 scored every candidate 0
+        with pytest.raises(ValueError, match="k must be an int >= 1"):
+            pool.retrieve(query, k)
 
 
 def test_retrieve_orders_the_most_similar_next_to_the_query():
@@ -165,3 +167,23 @@ def test_score_cli_says_how_many_demonstrations_it_kept(tmp_path, capsys, model_
     assert main([*argv, "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["k"] == 1 and out["demonstrations"] == [demos[1].prompt] and out["demonstrations_dropped"] == 1
+
+
+def test_score_cli_keeps_the_context_within_the_models_positions(tmp_path, capsys, model_and_tokenizer):
+    """Without --max_length, the model's max_position_embeddings bounds the context (it used to grow to any length:
+    ~12k tokens of demonstrations on a 1,024-position model)."""
+    import shutil
+
+    from fastpref.cli import main
+
+    _, tokenizer = model_and_tokenizer
+    _, candidates, positions, _ = _long_candidate_case(tokenizer)
+    short = tmp_path / "short-model"
+    shutil.copytree(model_dir(), short)
+    config = json.loads((short / "config.json").read_text())
+    (short / "config.json").write_text(json.dumps({**config, "max_position_embeddings": positions}))
+    pairs = write_jsonl(tmp_path / "pairs.jsonl", PAIRS)
+    assert main(["score", "--model", str(short), "--prompt", PAIRS[0]["prompt"], "--candidates", *candidates,
+                 "--demonstrations", str(pairs), "--k", "2"]) == 0
+    assert ("1 of the 2 demonstrations dropped so that the longest candidate fits the model's "
+            f"max_position_embeddings {positions}") in capsys.readouterr().err

@@ -149,10 +149,13 @@ def test_contracts_ask_each_model_for_what_its_trainer_reads():
     assert "log_sum_sq_probs" in policy.outputs  # WPO's weights
 
 
-def test_patched_forward_gives_only_the_fields_asked_for():
+def test_patched_forward_gives_only_the_fields_asked_for(caplog):
     trainer = trl_runs.trainer("kto")
-    fastpref_trl.patch(trainer)
-    fastpref_trl.patch(trainer)  # patching twice patches once
+    with caplog.at_level("INFO", logger="fastpref"):
+        assert fastpref_trl.patch(trainer) is trainer  # returned, so `trainer = patch(KTOTrainer(...))` reads well
+    assert "KTOTrainer LM heads patched: policy (log-probs, entropy, mean_logits); reference (log-probs)" in caplog.text
+    with pytest.warns(UserWarning, match="was patched already"):
+        fastpref_trl.patch(trainer)  # patching twice patches once, and says so
     ids = torch.tensor([[3, 4, 5, 6, 7]])
     labels = torch.tensor([[-100, -100, 5, 6, 7]])
     policy = trainer.model(input_ids=ids, labels=labels, fused_lm_head=True)

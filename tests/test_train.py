@@ -209,7 +209,7 @@ def test_dpo_learns_the_preference(tmp_path, pairs_file):
 
 
 def test_reward_model_end_to_end(tmp_path, pairs_file):
-    summary, out = run("rm", tmp_path, pairs_file, save_steps=3, max_steps=6, learning_rate=3e-3)
+    summary, out = run("reward", tmp_path, pairs_file, save_steps=3, max_steps=6, learning_rate=3e-3)
     rows = [r for r in read_jsonl(out / "metrics.jsonl") if "loss" in r]
     assert {"loss", "accuracy", "margin", "rewards/chosen", "rewards/rejected", "grad_norm"} <= set(rows[0])
     model = transformers.AutoModelForSequenceClassification.from_pretrained(out)
@@ -477,7 +477,7 @@ def test_reference_cache_key_holds_the_precision_and_a_damaged_file_is_recompute
         again, _ = run("dpo", tmp_path, pairs_file, output_dir=str(tmp_path / "again"), bf16=False,
                        overwrite_output_dir=True, **options)
         assert again["reference"]["cache"] == "miss"
-        assert f"reference cache {path} cannot be used" in capsys.readouterr().out
+        assert f"reference cache {path} cannot be used" in capsys.readouterr().err
         assert again["eval_logps/chosen"] == fp32["eval_logps/chosen"]
     recomputed = torch.load(path, weights_only=True)  # the same numbers again
     assert recomputed["key"] == cached["key"]
@@ -513,3 +513,25 @@ def test_summary_is_valid_json_and_no_empty_eval_rows(tmp_path, pairs_file, monk
     assert written["train_made_up_metric"] is None
     rows = read_jsonl(out / "metrics.jsonl")
     assert rows and all(set(row) - {"step", "epoch"} for row in rows), rows  # no eval split: no eval rows
+
+
+def test_progress_bar_shows_the_step_it_counts_on_stderr(tmp_path, pairs_file, monkeypatch):
+    """The bar drew the previous step's loss at each update, and wrote its frames to stdout."""
+    import sys as _sys
+
+    import tqdm.auto
+
+    drawn = []
+
+    class Recording(tqdm.auto.tqdm):
+        def update(self, n=1):
+            drawn.append((self.n + n, self.postfix, self.fp))
+            return super().update(n)
+
+    monkeypatch.setattr(tqdm.auto, "tqdm", Recording)
+    run("dpo", tmp_path, pairs_file, max_steps=3, disable_tqdm=False)
+    losses = {r["step"]: r["loss"] for r in read_jsonl(tmp_path / "out" / "metrics.jsonl") if "loss" in r}
+    assert [step for step, _, _ in drawn] == [1, 2, 3]
+    for step, postfix, _ in drawn:
+        assert f"loss={losses[step]:.4f}" in postfix, (step, postfix, losses)
+    assert all(fp is not _sys.stdout and getattr(fp, "file", fp) is not _sys.stdout for _, _, fp in drawn)

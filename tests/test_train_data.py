@@ -288,13 +288,13 @@ def test_reward_margins_must_be_numbers_on_every_row(tmp_path, margin):
     rows[1]["margin"] = margin
     path = write_jsonl(tmp_path / "d.jsonl", rows)
     with pytest.raises(ValueError, match=r"d\.jsonl:2: row p1-0: column 'margin' must be a finite number"):
-        _build(path, task="rm")
+        _build(path, task="reward")
 
 
 def test_reward_margins_reach_the_batch_and_other_tasks_ignore_them(tmp_path):
     rows = [{**row, "margin": float(i)} for i, row in enumerate(pair_rows(3, 1))]
     path = write_jsonl(tmp_path / "d.jsonl", rows)
-    examples = _build(path, task="rm").train
+    examples = _build(path, task="reward").train
     assert collate(examples, pad_id=1)["margin"].tolist() == [0.0, 1.0, 2.0]
     rows[1]["margin"] = "high"  # not read by DPO: no error, and no margin in its batches
     examples = _build(write_jsonl(tmp_path / "d.jsonl", rows)).train

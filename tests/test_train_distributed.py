@@ -131,9 +131,9 @@ def test_resume_is_exact_on_two_processes(tmp_path, pairs, one_process_reference
         assert split[name].shape[0] > 0
         torch.testing.assert_close(split[name], whole[name], rtol=1e-5, atol=1e-5)
 
-    # every file of a checkpoint: safetensors or JSON (or the tokenizer's text files), no pickle anywhere
+    # every file of a checkpoint: safetensors or JSON (or the tokenizer's text files, the model card), no pickles
     files = [p for p in (straight / "checkpoint-3").rglob("*") if p.is_file()]
-    assert all(p.suffix in (".safetensors", ".json", ".jinja", ".txt", ".model") for p in files), files
+    assert all(p.suffix in (".safetensors", ".json", ".jinja", ".txt", ".model", ".md") for p in files), files
     model_files = sorted((straight / "checkpoint-3").glob("model-*.safetensors"))
     optimizer_files = sorted((straight / "checkpoint-3" / "optimizer").glob("shard-*.safetensors"))
     assert len(model_files) == 2  # one per process at least

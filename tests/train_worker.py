@@ -77,6 +77,9 @@ def main(argv: list[str]) -> None:
     try:
         loop.train(config)
         Path(config.output_dir, f"probes_rank{dist.rank}.json").write_text(json.dumps(PROBES, indent=1))
+    except loop.TrainingInterrupted as e:  # SIGINT / SIGTERM: what `fastpref train` prints and its exit status
+        print(f"rank {dist.rank}: {e}", flush=True)
+        sys.exit(130)
     finally:  # as the CLI does: a live gloo group at interpreter exit can abort the process (SIGABRT, "terminate
         shutdown(dist)  # called without an active exception"), failing a job that finished
 

@@ -32,7 +32,9 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import logging
 import types
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -50,6 +52,8 @@ try:
     from trl.trainer.utils import FusedCausalLMOutput, maybe_gather_lm_head_ctx
 except ImportError as e:  # pragma: no cover - depends on the install
     raise ImportError(f"fastpref.integrations.trl needs TRL 1.16 ({e}): pip install 'fastpref[trl]'") from e
+
+log = logging.getLogger("fastpref")
 
 # FusedCausalLMOutput's statistic fields -> fastpref.TokenStats' fields
 _STAT_FIELDS = {
@@ -248,15 +252,36 @@ def _under(context, forward):
     return wrapped
 
 
-def patch(trainer) -> None:
+def _is_patched(model) -> bool:
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return hasattr(base.forward, "fastpref_unfused")
+
+
+def _describe(name: str, contract: HeadContract) -> str:
+    fields = ", ".join(("log-probs", *contract.outputs))
+    extra = (f", temperature {contract.temperature:g}" if contract.temperature != 1.0 else "") + (
+        ", fp32 head" if contract.cast_lm_head_to_fp32 else "")
+    return f"{name} ({fields}{extra})"
+
+
+def patch(trainer: transformers.Trainer) -> transformers.Trainer:
     """Make `trainer` (a TRL 1.16 SFTTrainer, DPOTrainer, KTOTrainer, GRPOTrainer or RLOOTrainer, after
     construction) compute its LM head with fastpref, on the policy and the reference model: the per-token
     log-probs and exactly the statistics the trainer reads. Losses, metrics and logged names stay TRL's own.
-    Call before `trainer.train()`."""
+    Call before `trainer.train()`. Returns `trainer`; logs (logger `fastpref`, INFO) the heads it patched, and
+    warns when the trainer was patched already (patching again replaces the first patch, it does not stack)."""
     policy, reference = contracts(trainer)
+    again = _is_patched(trainer.model)
+    if again:
+        warnings.warn(f"fastpref.integrations.trl.patch: this {type(trainer).__name__} was patched already; its "
+                      "heads are patched again from the unpatched forward (nothing stacks)", stacklevel=2)
     _patch_model(trainer.model, policy, trainer.accelerator)
+    heads = [_describe("policy", policy)]
     if getattr(trainer, "ref_model", None) is not None:
         _patch_model(trainer.ref_model, reference, trainer.accelerator)
+        heads.append(_describe("reference", reference))
+    log.info("fastpref: %s LM heads patched: %s", type(trainer).__name__, "; ".join(heads))
+    return trainer
 
 
 __all__ = ["HeadContract", "contracts", "head_log_probs", "patch"]

@@ -174,14 +174,19 @@ def write_model(folder: Path, model: nn.Module, dist: Dist) -> None:
         shutil.rmtree(sharded)
 
 
-def write_configs(folder: Path, model: nn.Module, tokenizer) -> None:
-    """config.json (+ generation_config.json) and the tokenizer, as save_pretrained writes them (rank 0)."""
-    model.config.architectures = [type(model).__name__]
-    model.config.save_pretrained(folder)
+def write_configs(folder: Path, model: nn.Module, tokenizer, card: str | None = None,
+                  model_config: bool = True) -> None:
+    """config.json (+ generation_config.json), the tokenizer, as save_pretrained writes them, and the model card
+    (rank 0). model_config=False: no config.json (a LoRA checkpoint loads through its adapter_config.json)."""
+    if model_config:
+        model.config.architectures = [type(model).__name__]
+        model.config.save_pretrained(folder)
     if getattr(model, "generation_config", None) is not None:
         model.generation_config.save_pretrained(folder)
     if tokenizer is not None:
         tokenizer.save_pretrained(folder)
+    if card is not None:
+        (folder / "README.md").write_text(card, encoding="utf-8")
 
 
 def _optimizer_tensors(model: nn.Module, optimizer) -> dict[str, torch.Tensor]:
@@ -229,11 +234,16 @@ def _write_json(path: Path, obj) -> None:
 # --- checkpoints ---
 
 
+def checkpoint_path(run_dir: Path, step: int) -> Path:
+    return run_dir / f"checkpoint-{step}"
+
+
 def save(run_dir: Path, step: int, model: nn.Module, optimizer, scheduler, state: dict, dist: Dist,
-         tokenizer=None) -> Path:
+         tokenizer=None, card: str | None = None, adapter_base: str | None = None) -> Path:
     """Write checkpoint-<step> atomically (every rank calls this). `model` is the transformers model (FSDP2-sharded
-    or not) whose parameters `optimizer` updates."""
-    final = run_dir / f"checkpoint-{step}"
+    or not) whose parameters `optimizer` updates; `card`: the model card, README.md; `adapter_base`: under LoRA, the
+    base model's path, for the adapter files that make the checkpoint load with `from_pretrained`."""
+    final = checkpoint_path(run_dir, step)
     tmp = run_dir / f".checkpoint-{step}.tmp"
     if dist.main:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -246,7 +256,11 @@ def save(run_dir: Path, step: int, model: nn.Module, optimizer, scheduler, state
     if dist.main:
         _write_json(tmp / "optimizer" / "param_groups.json", _optimizer_groups(model, optimizer))
         _write_json(tmp / "scheduler.json", scheduler.state_dict())
-        write_configs(tmp, model, tokenizer)
+        if adapter_base is not None:
+            from fastpref.train.lora import save_adapter
+
+            save_adapter(model, tmp, adapter_base)
+        write_configs(tmp, model, tokenizer, card, model_config=adapter_base is None)
         _write_json(tmp / "trainer_state.json", {**state, "world_size": dist.world})
     dist.barrier()
     if dist.main:
@@ -322,7 +336,8 @@ def _run_id(path: Path) -> str | None:
 # --- the final model ---
 
 
-def export(run_dir: Path, model: nn.Module, tokenizer, dist: Dist, checkpoint_dir: Path | None = None) -> None:
+def export(run_dir: Path, model: nn.Module, tokenizer, dist: Dist, checkpoint_dir: Path | None = None,
+           card: str | None = None) -> None:
     """The model, its config and tokenizer into run_dir, loadable with `from_pretrained` (every rank calls this).
     With `checkpoint_dir` (a checkpoint of these very weights) its files are hard-linked, not written again. The
     files are made in a temporary folder and renamed into place; weight files of an earlier export are removed."""
@@ -341,7 +356,7 @@ def export(run_dir: Path, model: nn.Module, tokenizer, dist: Dist, checkpoint_di
                 except OSError:  # a file system without hard links
                     shutil.copyfile(source, tmp / source.name)
     if dist.main:
-        write_configs(tmp, model, tokenizer)
+        write_configs(tmp, model, tokenizer, card)
         new = {p.name for p in tmp.iterdir()}
         for stale in run_dir.iterdir():
             if _WEIGHT_FILES.match(stale.name) and stale.name not in new:

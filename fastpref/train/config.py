@@ -3,8 +3,10 @@ and from a YAML `--config` (command line wins).
 
 Names and defaults follow TRL's SFTConfig / DPOConfig / RewardConfig (and transformers'
 TrainingArguments) where they overlap. The embedded presets (`--model tiny-llama`, the default, and
-`--model smollm2-135m`) change a few defaults; an option given on the command line or in the YAML
-file always wins over a preset.
+`--model smollm2-135m`) change a few defaults, each one printed when a run starts and listed by
+`fastpref train <task> --list_presets`; an option given on the command line or in the YAML file always wins
+over a preset, and a preset never sets a value that conflicts with one the user gave. Only the demo itself
+(the packaged HHH data in the default output_dir) also overwrites its previous run and skips checkpoints.
 """
 
 from __future__ import annotations
@@ -12,10 +14,13 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
 from typing import Literal
+
+from fastpref.cli import OneLineErrors
 
 LISTWISE_LOSSES = ("rrhf", "pro")
 REFERENCE_FREE_LOSSES = ("simpo", "cpo", "orpo", *LISTWISE_LOSSES)
@@ -91,14 +96,16 @@ class TrainConfig:
     seed: int = field(default=42, metadata=_help("Seed for initialisation, data order and dropout."))
     learning_rate: float = field(default=1e-6, metadata=_help("AdamW learning rate (TRL's DPO default)."))
     weight_decay: float = field(default=0.0, metadata=_help("AdamW weight decay."))
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.999
-    adam_epsilon: float = 1e-8
-    per_device_train_batch_size: int = field(default=8, metadata=_help("Examples (pairs) per device per micro-batch."))
+    adam_beta1: float = field(default=0.9, metadata=_help("AdamW beta1."))
+    adam_beta2: float = field(default=0.999, metadata=_help("AdamW beta2."))
+    adam_epsilon: float = field(default=1e-8, metadata=_help("AdamW epsilon."))
+    per_device_train_batch_size: int = field(
+        default=8, metadata=_help("Examples (pairs; rankings for rrhf / pro) per device per micro-batch.")
+    )
     per_device_eval_batch_size: int = field(default=8, metadata=_help("Examples per device per eval batch."))
     gradient_accumulation_steps: int = field(default=1, metadata=_help("Micro-batches per optimizer step."))
     num_train_epochs: float = field(default=3.0, metadata=_help("Epochs, when max_steps is not set."))
-    max_steps: int = field(default=-1, metadata=_help("Optimizer steps; > 0 overrides num_train_epochs."))
+    max_steps: int = field(default=-1, metadata=_help("Optimizer steps; -1: num_train_epochs decides."))
     warmup_ratio: float = field(default=0.0, metadata=_help("Fraction of the steps with a linear warm-up."))
     warmup_steps: float = field(
         default=0, metadata=_help("Warm-up steps; below 1, a fraction of the steps (as TRL); overrides warmup_ratio.")
@@ -169,6 +176,7 @@ class SFTConfig(TrainConfig):
     completion."""
 
     learning_rate: float = field(default=2e-5, metadata=_help("AdamW learning rate (TRL's SFT default)."))
+    per_device_train_batch_size: int = field(default=8, metadata=_help("Sequences per device per micro-batch."))
     truncation_mode: str | None = field(
         default="keep_start",
         metadata=_help("keep_start (TRL's default): the first max_length tokens; keep_end: the last.",
@@ -269,7 +277,9 @@ CONFIGS: dict[str, type[TrainConfig]] = {"sft": SFTConfig, "dpo": DPOConfig, "re
 TASK_ALIASES = {"rm": "reward"}  # fastpref's older name for TRL's `reward`
 
 
-# Presets: defaults that make an embedded model train in minutes; explicit options win.
+# Presets: defaults that make an embedded model train in minutes; explicit options win. "demo" holds what only the
+# demo run itself gets (is_demo): a run on the user's data or in the user's folder keeps checkpoints and refuses to
+# overwrite a used folder, as `--help` says.
 PRESET_DEFAULTS: dict[str, dict[str, dict]] = {
     "tiny-llama": {
         "*": dict(
@@ -279,11 +289,11 @@ PRESET_DEFAULTS: dict[str, dict[str, dict]] = {
             warmup_ratio=0.1,
             lr_scheduler_type="cosine",
             logging_steps=5,
-            save_steps=None,
             num_train_epochs=4.0,
             gradient_checkpointing=False,  # 6.9M parameters: memory is no concern, recomputing only costs time
-            overwrite_output_dir=True,  # the demo reruns in runs/<task>; the previous demo's files are moved aside
         ),
+        # the demo reruns in runs/<task>: the previous demo's files are moved aside; 80 steps need no checkpoints
+        "demo": dict(save_steps=None, overwrite_output_dir=True),
         # Measured on the demo: an SFT warm-up on the chosen responses made held-out accuracy worse
         # (0.38-0.47 vs 0.64 without), so it is off; `--sft_warmup_steps N` turns it on.
         "dpo": dict(precompute_ref_log_probs=True, eval_steps=20),
@@ -298,20 +308,78 @@ PRESET_DEFAULTS: dict[str, dict[str, dict]] = {
             per_device_eval_batch_size=4,
             num_train_epochs=1.0,
             logging_steps=2,
-            save_steps=None,
             warmup_ratio=0.1,
             lr_scheduler_type="cosine",
         ),
         "dpo": dict(precompute_ref_log_probs=True),
+        "demo": dict(save_steps=None, overwrite_output_dir=True),
     },
 }
+
+
+def is_demo(config: TrainConfig, explicit: set[str]) -> bool:
+    """The demo run: the packaged HHH pairs, written to the default output_dir (runs/<task>)."""
+    return config.dataset_name == "hhh" and "output_dir" not in explicit and config.output_dir is None
+
+
+def preset_values(preset: str, task: str, demo: bool) -> dict:
+    """What a preset sets for a task: {option: value}."""
+    table = PRESET_DEFAULTS[preset]
+    return {**table.get("*", {}), **table.get(task, {}), **(table.get("demo", {}) if demo else {})}
+
+
+def describe_presets(task: str) -> str:
+    """The text of `fastpref train <task> --list_presets`: every preset and each option it changes."""
+    config_cls = CONFIGS[TASK_ALIASES.get(task, task)]
+    defaults = {f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()
+                for f in dataclasses.fields(config_cls)}
+    lines = [f"presets of `fastpref train {config_cls.task}` (chosen by --model; an option you give always wins):"]
+    for preset, table in PRESET_DEFAULTS.items():
+        lines.append(f"  --model {preset}:")
+        shared = {**table.get("*", {}), **table.get(config_cls.task, {})}
+        for name, value in shared.items():
+            lines.append(f"    --{name} {shown(value)}  (default {shown(defaults[name])})")
+        for name, value in table.get("demo", {}).items():
+            lines.append(f"    --{name} {shown(value)}  (default {shown(defaults[name])}; only for the demo: "
+                         "--dataset hhh in the default output_dir)")
+    return "\n".join(lines)
+
+
+class _Parser(OneLineErrors):
+    """Mixed into transformers' HfArgumentParser: errors in one line plus a pointer to --help, and negative and
+    scientific numbers read as values (`--learning_rate -1e-5`)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._negative_number_matcher = re.compile(r"^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$|^-inf$|^-nan$")
+
+
+def _bare_booleans(parser: argparse.ArgumentParser, config_cls: type[TrainConfig]) -> None:
+    """`--flag` alone means true for every boolean option, `bool | None` ones included (as TRL's)."""
+    hints = typing.get_type_hints(config_cls)
+    for action in parser._actions:
+        hint = hints.get(action.dest)
+        if hint is None or action.type is None:  # the typeless --no_<name> of a bool that defaults to true
+            continue
+        if (hint is bool or (_allows_none(hint) and set(typing.get_args(hint)) == {bool, type(None)})) \
+                and action.nargs is None:
+            action.nargs, action.const = "?", True
 
 
 def _builder(config_cls: type[TrainConfig], prog: str | None = None):
     from transformers import HfArgumentParser
 
-    parser = HfArgumentParser(config_cls, prog=prog, description=config_cls.__doc__)
+    parser_cls = type("FastprefArgumentParser", (_Parser, HfArgumentParser), {})
+    presets = ", ".join(PRESET_DEFAULTS)
+    parser = parser_cls(
+        config_cls, prog=prog, description=config_cls.__doc__,
+        epilog=f"The presets ({presets}; --model tiny-llama is the default) change some of the defaults above: "
+        f"`{prog or 'fastpref train'} --list_presets` lists them, and a run prints those it applies.",
+    )
+    _bare_booleans(parser, config_cls)
     parser.add_argument("--config", default=None, help="A YAML file of options (command-line options win).")
+    parser.add_argument("--list_presets", action="store_true",
+                        help="Print every preset and the options it changes, and exit.")
     return parser
 
 
@@ -462,15 +530,107 @@ def _translate_trl(task: str, options: dict, where: str) -> dict:
     return updates
 
 
-def apply_preset(config: TrainConfig, explicit: set[str]) -> None:
-    """Fill the preset's defaults into the fields the user did not set."""
-    preset = PRESET_DEFAULTS.get(config.model_name_or_path)
-    if preset is None:
-        return
-    values = {**preset.get("*", {}), **preset.get(config.task, {})}
-    for name, value in values.items():
-        if name not in explicit and hasattr(config, name):
-            setattr(config, name, value)
+def apply_preset(config: TrainConfig, explicit: set[str]) -> dict[str, tuple]:
+    """Fill the preset's defaults into the fields the user did not set, except where the value would conflict
+    with one the user set (CONFLICTS). Returns {option: (default, preset value)}, also kept as
+    `config.preset_applied` for the run to print."""
+    applied: dict[str, tuple] = {}
+    if config.model_name_or_path in PRESET_DEFAULTS:
+        values = preset_values(config.model_name_or_path, config.task, is_demo(config, explicit))
+        for name, value in values.items():
+            if name not in explicit and hasattr(config, name) and getattr(config, name) != value:
+                applied[name] = (getattr(config, name), value)
+                setattr(config, name, value)
+        for name, (default, _) in list(applied.items()):
+            if any(name in (a, b) and holds(config) for a, b, holds, _ in CONFLICTS):
+                setattr(config, name, default)  # the user's choice rules this preset value out
+                del applied[name]
+    config.preset_applied = applied
+    return applied
+
+
+def _default(config: TrainConfig, name: str):
+    f = next(f for f in dataclasses.fields(config) if f.name == name)
+    return f.default if f.default is not dataclasses.MISSING else f.default_factory()
+
+
+def _changed(config: TrainConfig, *names: str) -> bool:
+    return any(getattr(config, name) != _default(config, name) for name in names)
+
+
+def _dpo(predicate):
+    return lambda c: isinstance(c, DPOConfig) and predicate(c)
+
+
+_LORA = ("lora_r", "lora_alpha", "lora_dropout", "lora_target_modules", "use_rslora")
+# Pairs of options that cannot both hold: (option, option, holds(config), why). validate() refuses each with one
+# line naming both; a preset never sets a value that would make one hold.
+CONFLICTS: list[tuple[str, str, typing.Callable[[TrainConfig], bool], str]] = [
+    ("loss", "loss_type", _dpo(lambda c: c.loss != "dpo" and _changed(c, "loss_type")),
+     "--loss_type picks a DPO-family loss, used only with --loss dpo"),
+    ("loss", "loss_weights", _dpo(lambda c: c.loss != "dpo" and c.loss_weights is not None),
+     "--loss_weights weighs several --loss_type, used only with --loss dpo"),
+    ("loss", "reference_free", _dpo(lambda c: c.loss != "dpo" and c.reference_free),
+     "this --loss has no reference model anyway"),
+    ("loss", "precompute_ref_log_probs", _dpo(lambda c: c.loss != "dpo" and c.precompute_ref_log_probs),
+     "this --loss has no reference model"),
+    ("loss", "ld_alpha", _dpo(lambda c: c.loss != "dpo" and c.ld_alpha is not None),
+     "LD-DPO weighting applies to --loss dpo only"),
+    ("loss", "use_weighting", _dpo(lambda c: c.loss != "dpo" and c.use_weighting),
+     "WPO weighting applies to --loss dpo only"),
+    ("loss", "f_divergence_type", _dpo(lambda c: c.loss != "dpo" and _changed(c, "f_divergence_type")),
+     "f-divergences apply to --loss dpo only"),
+    ("loss", "simpo_gamma", _dpo(lambda c: c.loss != "simpo" and _changed(c, "simpo_gamma")),
+     "--simpo_gamma is SimPO's margin, used only with --loss simpo"),
+    ("loss", "cpo_alpha", _dpo(lambda c: c.loss not in ("simpo", "cpo") and c.cpo_alpha is not None),
+     "--cpo_alpha weighs the NLL term of --loss cpo / simpo only"),
+    ("loss", "sft_weight", _dpo(lambda c: c.loss not in LISTWISE_LOSSES and c.sft_weight is not None),
+     "--sft_weight is used only by --loss rrhf / pro"),
+    ("reference_free", "precompute_ref_log_probs", _dpo(lambda c: c.reference_free and c.precompute_ref_log_probs),
+     "--reference_free takes the reference log-probs as 0: there is nothing to precompute"),
+    ("loss_type", "precompute_ref_log_probs", _dpo(
+        lambda c: c.loss == "dpo" and not c.reference_free and c.precompute_ref_log_probs and not c.needs_reference()),
+     "no loss in --loss_type uses a reference model"),
+    ("loss_type", "use_weighting", _dpo(lambda c: c.loss == "dpo" and c.use_weighting and _batch_coupled(c)),
+     "'aot' / 'aot_unpaired' sort the pairs of a batch, which WPO's pair weights do not allow"),
+    ("sft_warmup_learning_rate", "sft_warmup_steps",
+     _dpo(lambda c: c.sft_warmup_learning_rate is not None and not c.sft_warmup_steps),
+     "the learning rate of a warm-up that does not run"),
+    ("sft_warmup_steps", "use_peft", _dpo(lambda c: c.sft_warmup_steps > 0 and c.use_peft),
+     "the warm-up trains the full weights, not adapters"),
+    ("assistant_only_loss", "completion_only_loss",
+     lambda c: isinstance(c, SFTConfig) and c.assistant_only_loss and c.completion_only_loss is False,
+     "--completion_only_loss false scores every token, --assistant_only_loss only the assistant's"),
+    ("overwrite_output_dir", "resume_from_checkpoint", lambda c: c.overwrite_output_dir and c.resume_from_checkpoint,
+     "--resume continues the run in output_dir, --overwrite_output_dir moves it aside"),
+    ("warmup_steps", "warmup_ratio", lambda c: c.warmup_steps > 0 and c.warmup_ratio > 0,
+     "both set the warm-up length: give one"),
+    ("save_total_limit", "save_steps", lambda c: c.save_total_limit is not None and not c.save_steps,
+     "no checkpoints are written to limit"),
+    ("fsdp", "use_peft", lambda c: c.fsdp and c.use_peft, "LoRA runs are not sharded by fastpref train (use DDP)"),
+    *[(name, "use_peft", (lambda n: lambda c: not c.use_peft and _changed(c, n))(name),
+       "LoRA options take effect only with --use_peft") for name in _LORA],
+]
+
+
+def _batch_coupled(config: DPOConfig) -> bool:
+    from fastpref.losses import LOSS_TYPES, is_batch_coupled
+
+    return set(config.loss_type) <= set(LOSS_TYPES) and is_batch_coupled(config.loss_type)
+
+
+def check_conflicts(config: TrainConfig) -> None:
+    """ValueError naming both options of the first pair in CONFLICTS that holds."""
+    for a, b, holds, why in CONFLICTS:
+        if holds(config):
+            raise ValueError(f"--{a} {shown(getattr(config, a))} cannot be combined with --{b} "
+                             f"{shown(getattr(config, b))}: {why}")
+
+
+def shown(value) -> str:
+    if isinstance(value, list):
+        return " ".join(str(v) for v in value)
+    return str(value).lower() if isinstance(value, bool) else str(value)
 
 
 def make_config(task: str, **options) -> TrainConfig:
@@ -573,7 +733,9 @@ def validate(config: TrainConfig) -> None:
         value = getattr(config, name, None)
         if value is not None and value < 0:
             raise ValueError(f"--{name} must be >= 0, got {value}")
-    if config.max_steps <= 0 and config.num_train_epochs <= 0:
+    if config.max_steps == 0 or config.max_steps < -1:
+        raise ValueError(f"--max_steps must be > 0, or -1 to train --num_train_epochs epochs, got {config.max_steps}")
+    if config.max_steps == -1 and config.num_train_epochs <= 0:
         raise ValueError("set --max_steps > 0 or --num_train_epochs > 0")
     from fastpref.train.report import check
 
@@ -584,10 +746,6 @@ def validate(config: TrainConfig) -> None:
         from fastpref.train.lora import check_targets
 
         check_targets(config.lora_target_modules)
-        if config.fsdp:
-            raise ValueError("--use_peft with --fsdp is not supported by fastpref train (use DDP)")
-        if isinstance(config, DPOConfig) and config.sft_warmup_steps:
-            raise ValueError("--sft_warmup_steps with --use_peft is not supported by fastpref train")
     if config.truncation_mode not in (None, "keep_start", "keep_end"):
         raise ValueError(f"--truncation_mode must be keep_start or keep_end, got {config.truncation_mode!r}")
     if config.warmup_steps > 1 and config.warmup_steps != int(config.warmup_steps):
@@ -606,10 +764,11 @@ def validate(config: TrainConfig) -> None:
         )
     if isinstance(config, DPOConfig):
         _validate_dpo(config)
+    check_conflicts(config)
 
 
 def _validate_dpo(config: DPOConfig) -> None:
-    from fastpref.losses import LOSS_TYPES, check_dpo_options, is_batch_coupled
+    from fastpref.losses import LOSS_TYPES, check_dpo_options
 
     if config.loss != "dpo":
         return
@@ -631,9 +790,6 @@ def _validate_dpo(config: DPOConfig) -> None:
         )
     except (ValueError, TypeError) as e:
         raise ValueError(f"--{e}") from None
-    if config.use_weighting and is_batch_coupled(config.loss_type):
-        raise ValueError(f"--use_weighting cannot be combined with --loss_type {config.loss_type}: 'aot' / "
-                         "'aot_unpaired' sort the pairs of a batch, which WPO's pair weights do not allow")
 
 
 # What a resumed run must keep: these fix the model being trained, the data, its split and its order

@@ -150,6 +150,14 @@ def load_rows(
 # --- columns and rendering ---
 
 PAIR_COLUMNS = ("chosen", "rejected")
+# Every column the README documents, per task: each one is read (tests/test_train_columns.py changes each and
+# sees the step's loss change). `id` names a row in errors; it is never trained on.
+DOCUMENTED_COLUMNS = {
+    "sft": ("prompt", "completion", "messages", "text", "chosen"),
+    "dpo": ("prompt", "chosen", "rejected", "ranked"),
+    "reward": ("prompt", "chosen", "rejected", "margin"),
+}
+TASKS = tuple(DOCUMENTED_COLUMNS)
 LAYOUT_COLUMNS = {
     "pair": ("prompt", "chosen", "rejected"),
     "ranked": ("prompt", "ranked"),
@@ -458,6 +466,8 @@ def _tokenize(items, renderer: Renderer, config, split: str, notes: list[str], l
 
 def build_splits(config, tokenizer, task: str, listwise: bool = False) -> Splits:
     """Load, check, render, tokenize, truncate and split the dataset named by `config.dataset_name`."""
+    if task not in TASKS:  # an old or misspelt task name would silently skip what a task reads (`margin`)
+        raise ValueError(f"unknown task {task!r}; choose one of {list(TASKS)}")
     train_rows, test_rows = load_rows(
         config.dataset_name, config.dataset_train_split, config.dataset_test_split, config.dataset_config
     )
@@ -469,7 +479,7 @@ def build_splits(config, tokenizer, task: str, listwise: bool = False) -> Splits
 
     def items(rows):
         # the reward model reads `margin` when the data has one; every row then needs a number
-        margins = task == "rm" and any(row.get("margin") is not None for row in rows)
+        margins = task == "reward" and any(row.get("margin") is not None for row in rows)
         out = []
         for i, row in enumerate(rows):
             row_id, label = row.get("id", i), _label(rows, i)
@@ -485,6 +495,11 @@ def build_splits(config, tokenizer, task: str, listwise: bool = False) -> Splits
         return out
 
     notes: list[str] = []
+    unused = sorted(set(train_rows[0]) - set(LAYOUT_COLUMNS[layout]) - {"id"}
+                    - ({"margin"} if task == "reward" else set()))
+    if unused:
+        notes.append(f"column(s) {unused} not used by `fastpref train {task}` (it reads "
+                     f"{' + '.join(LAYOUT_COLUMNS[layout])} from these rows)")
     train_items = items(train_rows)
     if test_rows is not None:
         test_items = items(test_rows)

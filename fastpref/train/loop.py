@@ -13,14 +13,16 @@ import json
 import logging
 import math
 import random
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
 import torch
 
-from fastpref.train import checkpoint, distributed, metrics, modeling, report, run_dir
-from fastpref.train.config import LISTWISE_LOSSES, DPOConfig, SFTConfig, TrainConfig
+from fastpref.train import checkpoint, distributed, metrics, model_card, modeling, report, run_dir
+from fastpref.train.config import LISTWISE_LOSSES, DPOConfig, SFTConfig, TrainConfig, shown
 from fastpref.train.data import Splits, StepSampler, build_splits, check_dataset_exists, collate, eval_batches
 from fastpref.train.reference import ReferenceModule
 
@@ -38,6 +40,49 @@ class TrainingStopped(RuntimeError):
     """The run cannot go on (non-finite weights, too many skipped steps); nothing bad was saved."""
 
 
+class TrainingInterrupted(Exception):
+    """SIGINT / SIGTERM: the step under way was finished, checkpoint-<step> written on every rank; the message is
+    the one line the command prints."""
+
+    def __init__(self, step: int, path: Path):
+        super().__init__(f"interrupted at step {step}; {path.name} saved; continue with --resume")
+        self.step, self.path = step, path
+
+
+class StopSignals:
+    """While active, SIGINT and SIGTERM only set `received` (the step under way finishes); one more, REPEAT_S or
+    more after the first, stops at once (KeyboardInterrupt). Closer ones count as the same request: a Ctrl-C under
+    torchrun reaches each worker twice, from the terminal and forwarded by torchrun's agent. Handlers are installed
+    only in the main thread, and restored on exit."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+    REPEAT_S = 3.0
+
+    def __init__(self):
+        self.received: int | None = None
+        self._first = 0.0
+        self._previous: dict = {}
+
+    def _handle(self, signum, frame):
+        if self.received is not None:
+            if time.monotonic() - self._first >= self.REPEAT_S:
+                raise KeyboardInterrupt
+            return
+        self.received, self._first = signum, time.monotonic()
+        log.warning("%s: stopping after this step (once more, %g s from now, to stop at once)",
+                    signal.Signals(signum).name, self.REPEAT_S)
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self._previous = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS}
+        return self
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous = {}
+
+
 class _TqdmHandler(logging.Handler):
     """Log lines above the progress bar instead of through it."""
 
@@ -45,9 +90,9 @@ class _TqdmHandler(logging.Handler):
         try:
             from tqdm.auto import tqdm
 
-            tqdm.write(self.format(record), file=sys.stdout)
+            tqdm.write(self.format(record), file=sys.stderr)
         except ImportError:
-            print(self.format(record), file=sys.stdout)
+            print(self.format(record), file=sys.stderr)
 
 
 def setup_logging(dist: distributed.Dist) -> None:
@@ -160,9 +205,12 @@ class Trainer:
         needs_reference = isinstance(c, DPOConfig) and c.needs_reference()
         if needs_reference and c.precompute_ref_log_probs:  # keyed on the starting weights, before any adapter
             ref_key = self._reference_key(loaded)
+        self.adapter_base = None
         if c.use_peft:
             from fastpref.train import lora
 
+            self.adapter_base = dist.from_main(lambda: lora.base_for_adapters(
+                model, self.tokenizer, c.model_name_or_path, self.task, self.run_dir))
             model = lora.apply(model, c, self.task)
         if c.gradient_checkpointing:
             if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x
@@ -210,6 +258,7 @@ class Trainer:
         self.global_step = 0
         self.num_tokens = 0  # every process's attention-mask tokens trained on so far (TRL's num_tokens)
         self.saved_step = None  # the step of the checkpoint this run wrote last
+        self.last_logged: dict = {}  # the last metrics row, for a checkpoint's model card
 
     # --- placement and reference ---
 
@@ -386,12 +435,19 @@ class Trainer:
                 "total_steps": self.total_steps, "task": self.task, "model": self.start_model,
                 "num_tokens": self.num_tokens, **self.run.trainer_state()}
 
-    def _save(self) -> None:
-        checkpoint.save(self.run_dir, self.global_step, self.model, self.optimizer, self.scheduler, self._state(),
-                        self.dist, tokenizer=self.tokenizer)
+    def _card(self, results: dict, what: str) -> str:
+        return model_card.render(self.config, self.adapter_base or self.start_model, results, what, self.global_step,
+                                 self.reference, peft=self.config.use_peft)
+
+    def _save(self) -> Path:
+        path = checkpoint.save(self.run_dir, self.global_step, self.model, self.optimizer, self.scheduler,
+                               self._state(), self.dist, tokenizer=self.tokenizer,
+                               card=self._card(self.last_logged, f"checkpoint {self.global_step}"),
+                               adapter_base=self.adapter_base)
         self.saved_step = self.global_step
         if self.dist.main:
             checkpoint.prune(self.run_dir, self.config.save_total_limit, self.run.run_id)
+        return path
 
     def _loss_units(self, batch: dict) -> torch.Tensor:
         """What the task's loss averages over: completion tokens for SFT, examples (pairs, rankings) else."""
@@ -456,6 +512,14 @@ class Trainer:
             self._resume()
         if dist.main:
             (self.run_dir / "train_config.json").write_text(json.dumps(dataclasses.asdict(c), indent=1))
+        with StopSignals() as signals:
+            self._train_steps(signals)
+        return self._finish()
+
+    def _train_steps(self, signals: StopSignals) -> None:
+        """The optimizer steps from global_step to total_steps; on SIGINT / SIGTERM (on any rank) every rank stops
+        after the same step, writes checkpoint-<step> and raises TrainingInterrupted."""
+        c, dist = self.config, self.dist
         spe = self.sampler.steps_per_epoch
         log.info(
             "%s: %d train / %d eval examples, %d steps (%d per epoch, global batch %d = %d x %d processes x %d "
@@ -464,11 +528,11 @@ class Trainer:
             c.per_device_train_batch_size, dist.world, c.gradient_accumulation_steps, c.learning_rate, self.device,
             ("" if not self.bf16 else ", bf16 FSDP2 mixed precision" if self.fsdp else ", bf16 autocast"),
         )
-        summary: dict = {"task": self.task, "model": self.start_model, "reference": self.reference}
+        self.summary = {"task": self.task, "model": self.start_model, "reference": self.reference}
         if dist.main and self.global_step == 0:
             report = self.head_memory_report()
             if report:
-                summary["head_memory"] = report
+                self.summary["head_memory"] = report
         window = metrics.Accumulator()
         throughput = metrics.Throughput()
         window_norms, skips_in_row, skipped_total = [], 0, 0
@@ -476,11 +540,13 @@ class Trainer:
         from tqdm.auto import tqdm
 
         bar = tqdm(total=self.total_steps, initial=self.global_step, disable=not dist.main or c.disable_tqdm,
-                   desc=f"{self.task}", dynamic_ncols=True, file=sys.stdout)
+                   desc=f"{self.task}", dynamic_ncols=True, file=sys.stderr)
         while self.global_step < self.total_steps:
             out, skipped = self._step()
             self.num_tokens += int(dist.sum(torch.tensor(float(out["tokens"]))).item())
             self.global_step += 1
+            if not skipped:  # this step's values, drawn by this update (not the next one)
+                bar.set_postfix(_postfix(out["acc"].local()), refresh=False)
             bar.update(1)
             if skipped:
                 skips_in_row += 1
@@ -493,7 +559,6 @@ class Trainer:
                     )
             else:
                 skips_in_row = 0
-                bar.set_postfix(_postfix(out["acc"].local()), refresh=False)
                 window.merge(out["acc"])
                 window_norms.append(out["grad_norm"])
                 throughput.add(out["tokens"])
@@ -510,6 +575,7 @@ class Trainer:
                 if skipped_total:
                     row["skipped_steps"] = skipped_total
                 self.metrics_log.write(row)
+                self.last_logged = row
                 window_norms = []
             if c.eval_steps and self.global_step % c.eval_steps == 0 and self.global_step < self.total_steps \
                     and self.splits.eval:
@@ -518,17 +584,28 @@ class Trainer:
                 _log_eval(row)
             if c.save_steps and self.global_step % c.save_steps == 0:
                 self._save()
+            if dist.any(signals.received is not None):  # every rank agrees, so all stop after the same step
+                bar.close()
+                path = self._save() if self.saved_step != self.global_step else checkpoint.checkpoint_path(
+                    self.run_dir, self.global_step)
+                self.metrics_log.close()
+                raise TrainingInterrupted(self.global_step, path)
         bar.close()
-        train_seconds = time.perf_counter() - start
+        self.train_seconds = time.perf_counter() - start
+
+    def _finish(self) -> dict:
+        """Final evaluation, the model (with its card) into output_dir, summary and plots."""
+        c, dist, summary = self.config, self.dist, self.summary
+        spe = self.sampler.steps_per_epoch
         final = {"step": self.global_step, "epoch": round(self.global_step / spe, 4)} | self.evaluate()
         if c.task != "sft" and self.splits.eval:
             self.metrics_log.write(final)
             _log_eval(final)
         train_eval = self.evaluate("train")
-        self._save_final()
+        self._save_final(self._card({**self.last_logged, **final, **train_eval}, "final model"))
         summary.update(final)
         summary.update(train_eval)
-        summary["train_seconds"] = round(train_seconds, 1)
+        summary["train_seconds"] = round(self.train_seconds, 1)
         summary["steps"] = self.global_step
         self.metrics_log.close()
         if dist.main:
@@ -542,17 +619,20 @@ class Trainer:
                     log.warning("matplotlib is not installed: no plots (pip install fastpref[train])")
         return summary
 
-    def _save_final(self) -> None:
+    def _save_final(self, card: str) -> None:
         """The model + config + tokenizer into output_dir, for from_pretrained (hard links to a checkpoint this run
         wrote of the same step); under LoRA the adapter, for peft's from_pretrained."""
         if self.config.use_peft:  # the adapter (peft's save_pretrained, as TRL); LoRA runs are never sharded
             if self.dist.main:
-                self.model.save_pretrained(self.run_dir)
+                from fastpref.train.lora import save_adapter
+
+                save_adapter(self.model, self.run_dir, self.adapter_base)
                 self.tokenizer.save_pretrained(self.run_dir)
+                (self.run_dir / "README.md").write_text(card, encoding="utf-8")
             self.dist.barrier()
         else:
             same = self.run_dir / f"checkpoint-{self.global_step}" if self.saved_step == self.global_step else None
-            checkpoint.export(self.run_dir, self.model, self.tokenizer, self.dist, same)
+            checkpoint.export(self.run_dir, self.model, self.tokenizer, self.dist, same, card)
         log.info("model saved to %s", self.run_dir)
 
 
@@ -596,6 +676,11 @@ def train(config: TrainConfig) -> dict:
     """Run one training job (in this process, or as one rank of a torchrun group); returns its summary."""
     dist = distributed.init()
     setup_logging(dist)
+    applied = getattr(config, "preset_applied", {})
+    if applied:
+        log.info("preset --model %s sets: %s (an option you give wins; `fastpref train %s --list_presets`)",
+                 config.model_name_or_path, ", ".join(f"--{name} {shown(value)} (default {shown(default)})"
+                                                      for name, (default, value) in applied.items()), config.task)
     run = start(config, dist)
     try:
         if isinstance(config, DPOConfig) and config.sft_warmup_steps > 0:

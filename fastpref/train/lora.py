@@ -5,6 +5,8 @@ of the weights."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from torch import nn
 
 
@@ -52,3 +54,24 @@ def apply(model: nn.Module, config, task: str) -> nn.Module:
         raise ValueError(f"a LoRA adapter landed on the LM head {head_name!r}: fastpref's fused head would ignore it")
     return wrapped
 
+
+
+def base_for_adapters(model: nn.Module, tokenizer, model_name: str, task: str, run_dir: Path) -> str:
+    """The absolute path an adapter's `base_model_name_or_path` names, so that `from_pretrained` on any output folder
+    loads from any working directory: a local model folder itself, or (for a preset, or a reward model's new scalar
+    head) the starting model saved once into output_dir/base_model."""
+    local = Path(model_name)
+    if task != "reward" and (local / "config.json").exists():
+        return str(local.resolve())
+    folder = (run_dir / "base_model").resolve()
+    if not (folder / "config.json").exists():
+        model.save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+    return str(folder)
+
+
+def save_adapter(model: nn.Module, folder: Path, base: str) -> None:
+    """adapter_config.json + adapter_model.safetensors (peft's save_pretrained) naming `base` as the base model."""
+    for adapter in model.peft_config.values():
+        adapter.base_model_name_or_path = base
+    model.save_pretrained(folder)

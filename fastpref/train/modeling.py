@@ -153,7 +153,7 @@ def _fp32() -> dict:
 
 
 def load_model_and_tokenizer(model_name: str, task: str, seed: int, tokenizer_name: str | None = None):
-    """(model, tokenizer) for a preset or a local directory: a causal LM, or for task 'rm' a
+    """(model, tokenizer) for a preset or a local directory: a causal LM, or for task 'reward' a
     sequence classifier with one label (its scalar head new when the directory holds a causal LM)."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
