@@ -131,7 +131,7 @@ def plan(out: Path, wheels: Path | None, dry_run: bool) -> list[Part | Outcome]:
         budget = budgets[op]
         bench = [sys.executable, "-m", "fastpref.bench", "--op", op, "--configs", *configs, *device]
         bench += ["--methods", *(DRY_RUN_METHODS if dry_run else METHODS), "--out", str(out)]
-        parts.append(Part(op, [*bench, "--time-box", str(budget.time_box)], budget, compiled))
+        parts.append(Part(op, [*bench, "--time_box", str(budget.time_box)], budget, compiled))
     return parts
 
 

@@ -22,7 +22,7 @@ from fastpref.bench import accuracy, linear, logits, machine, plot, report
 from fastpref.bench.configs import CONFIGS, IGNORE_INDEX, BenchConfig, default_configs
 from fastpref.bench.measure import time_and_peak, time_ms
 from fastpref.bench.workload import Inputs, Method, Workload
-from fastpref.cli import ArgumentParser
+from fastpref.parsers import ArgumentParser
 
 OPS = {"logits": logits.WORKLOADS, "linear": linear.WORKLOADS}
 METHOD_NAMES = tuple(dict.fromkeys(m.name for workloads in OPS.values() for w in workloads for m in w.methods))

@@ -18,6 +18,8 @@ import argparse
 import json
 import sys
 
+from fastpref.parsers import ArgumentParser
+
 TASKS = {
     "sft": "supervised fine-tuning on completions (prompt masked)",
     "dpo": "preference optimisation: DPO family (--loss_type), SimPO / CPO / ORPO, RRHF / PRO (--loss)",
@@ -41,17 +43,6 @@ def version() -> str:
         return installed_version("fastpref")
     except PackageNotFoundError:
         return "unknown (not installed)"
-
-
-class OneLineErrors:
-    """Mixed into an argparse parser: a usage error is one line that points to --help (not the whole usage)."""
-
-    def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
-
-
-class ArgumentParser(OneLineErrors, argparse.ArgumentParser):
-    """The parser of every `fastpref` command."""
 
 
 def _top_parser() -> argparse.ArgumentParser:

@@ -20,7 +20,7 @@ import typing
 from dataclasses import dataclass, field
 from typing import Literal
 
-from fastpref.cli import OneLineErrors
+from fastpref.parsers import OneLineErrors
 
 LISTWISE_LOSSES = ("rrhf", "pro")
 REFERENCE_FREE_LOSSES = ("simpo", "cpo", "orpo", *LISTWISE_LOSSES)
