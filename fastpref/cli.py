@@ -22,6 +22,7 @@ TASKS = {
     "sft": "supervised fine-tuning on completions (prompt masked)",
     "dpo": "preference optimisation: DPO family (--loss_type), SimPO / CPO / ORPO, RRHF / PRO (--loss)",
     "reward": "Bradley-Terry reward model (scalar head, fastpref.bt_loss); `rm` is an alias",
+    "grpo": "RL against a reward model / reward functions: GRPO and its loss types (--loss_type dapo, grpo, ...)",
 }
 
 
@@ -173,7 +174,8 @@ def _print_summary(summary: dict) -> None:
             continue
         shown = []
         for key, label in (("loss", "loss"), ("rewards/accuracies", "reward accuracy"),
-                           ("rewards/margins", "margin"), ("mean_token_accuracy", "token accuracy")):
+                           ("rewards/margins", "margin"), ("mean_token_accuracy", "token accuracy"),
+                           ("reward", "mean reward"), ("kl", "kl")):
             value = summary.get(prefix + key)
             if value is not None:
                 shown.append(f"{label} {value:.3f}")

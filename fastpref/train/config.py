@@ -269,6 +269,13 @@ CONFIGS: dict[str, type[TrainConfig]] = {"sft": SFTConfig, "dpo": DPOConfig, "re
 TASK_ALIASES = {"rm": "reward"}  # fastpref's older name for TRL's `reward`
 
 
+# The embedded RL demo (tiny-llama): SFT warm-up, then GRPO against the default reward model (rl_config).
+RL_PRESET = dict(
+    sft_warmup_steps=40, sft_warmup_learning_rate=1e-3, learning_rate=2e-5, max_steps=40, num_generations=8,
+    per_device_train_batch_size=32, max_completion_length=24, beta=0.04, eval_steps=8, max_prompt_length=64,
+    max_length=96, warmup_ratio=0.0, lr_scheduler_type="constant", max_eval_samples=32,
+)
+
 # Presets: defaults that make an embedded model train in minutes; explicit options win.
 PRESET_DEFAULTS: dict[str, dict[str, dict]] = {
     "tiny-llama": {
@@ -288,6 +295,7 @@ PRESET_DEFAULTS: dict[str, dict[str, dict]] = {
         # (0.38-0.47 vs 0.64 without), so it is off; `--sft_warmup_steps N` turns it on.
         "dpo": dict(precompute_ref_log_probs=True, eval_steps=20),
         "reward": dict(learning_rate=5e-4),
+        "grpo": dict(RL_PRESET),
     },
     "smollm2-135m": {
         "*": dict(
@@ -606,6 +614,8 @@ def validate(config: TrainConfig) -> None:
         )
     if isinstance(config, DPOConfig):
         _validate_dpo(config)
+    if isinstance(config, GRPOConfig):
+        validate_rl(config)
 
 
 def _validate_dpo(config: DPOConfig) -> None:
@@ -683,3 +693,8 @@ def resume_changes(saved: dict, config: TrainConfig, worlds: tuple[int, int] = (
             f"{listed}. Resume with the checkpoint's values, or start a new run (another --output_dir)"
         )
     return changed
+
+
+from fastpref.train.rl_config import GRPOConfig, validate_rl  # noqa: E402  (it builds on TrainConfig above)
+
+CONFIGS["grpo"] = GRPOConfig

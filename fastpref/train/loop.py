@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from fastpref.train import checkpoint, distributed, metrics, modeling, report, run_dir
+from fastpref.train import checkpoint, distributed, metrics, modeling, report, rl, run_dir
 from fastpref.train.config import LISTWISE_LOSSES, DPOConfig, SFTConfig, TrainConfig
 from fastpref.train.data import Splits, StepSampler, build_splits, check_dataset_exists, collate, eval_batches
 from fastpref.train.reference import ReferenceModule
@@ -150,7 +150,8 @@ class Trainer:
             modeling.disable_dropout(model)
         if self.task != "reward":
             modeling.head_of(model)  # a clear error now for a model without a usable LM head
-        self.splits: Splits = build_splits(c, self.tokenizer, self.task, self.listwise)
+        self.splits: Splits = (rl.build_prompt_splits(c, self.tokenizer) if self.task in rl.RL_TASKS
+                               else build_splits(c, self.tokenizer, self.task, self.listwise))
         if c.dataset_name == "hhh":
             log.info(HHH_NOTICE)
         for note in self.splits.notes:
@@ -171,7 +172,8 @@ class Trainer:
                 model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             model.config.use_cache = False
         self.model = model
-        self.module = modeling.MODULES[self.task](model.get_base_model() if c.use_peft else model, c)
+        module_cls = rl.PolicyModule if self.task in rl.RL_TASKS else modeling.MODULES[self.task]
+        self.module = module_cls(model.get_base_model() if c.use_peft else model, c)
         self.module.train()
         self.wrapped = self._place(self.module, loaded.model)
 
@@ -195,8 +197,9 @@ class Trainer:
             _param_groups(self.module, c.weight_decay), lr=c.learning_rate, betas=(c.adam_beta1, c.adam_beta2),
             eps=c.adam_epsilon,
         )
-        self.sampler = StepSampler(len(self.splits.train), c.per_device_train_batch_size, dist.world,
-                                   c.gradient_accumulation_steps, c.seed)
+        self.rl = rl.RLStage(self) if self.task in rl.RL_TASKS else None  # rollouts, rewards, reference
+        self.sampler = self.rl.sampler if self.rl else StepSampler(
+            len(self.splits.train), c.per_device_train_batch_size, dist.world, c.gradient_accumulation_steps, c.seed)
         spe = self.sampler.steps_per_epoch
         self.total_steps = c.max_steps if c.max_steps > 0 else max(1, math.ceil(c.num_train_epochs * spe))
         ratio = c.warmup_steps if 0 < c.warmup_steps < 1 else c.warmup_ratio  # warmup_steps < 1: a ratio (TRL)
@@ -283,7 +286,7 @@ class Trainer:
     def head_memory_report(self) -> dict | None:
         """Peak memory of the loss head alone (forward + backward) on one training batch, beside the
         textbook head's N x V logits + fp32 log_softmax computed from the same shapes."""
-        if self.task == "reward" or self.fsdp:
+        if self.task == "reward" or self.fsdp or self.rl:
             return None
         examples = self.splits.train
         indices = self.sampler.micro_batches(0, 0)[0]
@@ -331,6 +334,8 @@ class Trainer:
     @torch.no_grad()
     def evaluate(self, split: str = "eval") -> dict[str, float]:
         # the end-of-run pass over the training split is capped: it reports, it does not train
+        if self.rl:
+            return self.rl.evaluate(split)
         examples = self.splits.eval if split == "eval" else self.splits.train[:MAX_TRAIN_EVAL]
         if not examples:
             return {}
@@ -406,6 +411,8 @@ class Trainer:
         whole accumulated batch on every rank, as transformers' `num_items_in_batch`: for SFT, batch 2 x
         accumulation 2 then optimises what batch 4 x 1 does, the mean over all the step's tokens."""
         c, dist = self.config, self.dist
+        if self.rl:
+            return self.rl.step()
         acc = metrics.Accumulator()
         micro_batches = [self._batch(self.splits.train, indices, "train")
                          for indices in self.sampler.micro_batches(self.global_step, dist.rank)]
@@ -469,6 +476,10 @@ class Trainer:
             report = self.head_memory_report()
             if report:
                 summary["head_memory"] = report
+        if self.rl and c.eval_steps and self.global_step == 0 and self.splits.eval:  # the reward before training
+            row = {"step": 0, "epoch": 0.0} | self.evaluate()
+            self.metrics_log.write(row)
+            _log_eval(row)
         window = metrics.Accumulator()
         throughput = metrics.Throughput()
         window_norms, skips_in_row, skipped_total = [], 0, 0
@@ -573,7 +584,8 @@ def _postfix(values: dict) -> dict:
 def _log_eval(row: dict) -> None:
     parts = [f"{k.removeprefix('eval_')} {v:.4f}" for k, v in row.items()
              if k.startswith("eval_") and k != "eval_samples" and isinstance(v, float)
-             and k in ("eval_loss", "eval_rewards/accuracies", "eval_rewards/margins", "eval_mean_token_accuracy")]
+             and k in ("eval_loss", "eval_rewards/accuracies", "eval_rewards/margins", "eval_mean_token_accuracy",
+                       "eval_reward", "eval_reward_sem", "eval_kl")]
     log.info("step %d held-out (%s examples): %s", row["step"], row.get("eval_samples"), ", ".join(parts))
 
 
@@ -598,7 +610,7 @@ def train(config: TrainConfig) -> dict:
     setup_logging(dist)
     run = start(config, dist)
     try:
-        if isinstance(config, DPOConfig) and config.sft_warmup_steps > 0:
+        if getattr(config, "sft_warmup_steps", 0) > 0:  # dpo, grpo
             config = _sft_warmup(config, dist)
         return Trainer(config, run).fit()
     finally:
