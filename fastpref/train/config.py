@@ -569,7 +569,8 @@ def validate(config: TrainConfig) -> None:
         value = getattr(config, name)
         if not _matches(value, hint):
             raise TypeError(f"--{name} must be {_describe(hint)}, got {value!r}")
-    for name, bounds in _RANGES.items():
+    ranges = {**_RANGES, **(RL_RANGES if isinstance(config, GRPOConfig) else {})}  # GRPO's beta may be 0
+    for name, bounds in ranges.items():
         value = getattr(config, name, None)
         if value is not None:
             _check_range(name, value, *bounds)
@@ -695,6 +696,6 @@ def resume_changes(saved: dict, config: TrainConfig, worlds: tuple[int, int] = (
     return changed
 
 
-from fastpref.train.rl_config import GRPOConfig, validate_rl  # noqa: E402  (it builds on TrainConfig above)
+from fastpref.train.rl_config import RL_RANGES, GRPOConfig, validate_rl  # noqa: E402  (it builds on TrainConfig above)
 
 CONFIGS["grpo"] = GRPOConfig

@@ -1,0 +1,163 @@
+"""`fastpref train grpo` end to end on the tiny offline model: rollouts, rewards (functions and a reward model),
+TRL's metric names, the held-out reward evaluation, checkpoints that load with from_pretrained, exact resume,
+seeded sampling, and TRL's options it does not support refused by name."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+
+import transformers  # noqa: E402
+from test_train import REPO, _weights, model_dir, pair_rows, run, tiny_config, tokenizer_dir, write_jsonl  # noqa: E402
+
+from fastpref.train import loop  # noqa: E402
+from fastpref.train.config import parse_config  # noqa: E402
+from fastpref.train.metrics import read_jsonl  # noqa: E402
+from fastpref.train.rewards import RewardModel  # noqa: E402
+
+RL = dict(reward_funcs=["rl_rewards:glad"], num_generations=4, per_device_train_batch_size=8,
+          max_completion_length=6, temperature=0.9, learning_rate=1e-3, eval_steps=2, per_device_eval_batch_size=8,
+          max_prompt_length=32)
+TRL_GRPO_NAMES = {"reward", "reward_std", "rewards/glad/mean", "frac_reward_zero_std", "entropy", "kl",
+                  "completions/mean_length", "completions/min_length", "completions/max_length",
+                  "completions/clipped_ratio", "clip_ratio/low_mean", "clip_ratio/high_mean",
+                  "clip_ratio/region_mean", "num_tokens", "loss", "grad_norm", "learning_rate"}
+
+
+@pytest.fixture
+def prompts_file(tmp_path):
+    rows = [{"id": r["id"], "prompt": r["prompt"]} for r in pair_rows(12, 1)]
+    return write_jsonl(tmp_path / "prompts.jsonl", rows)
+
+
+def test_grpo_end_to_end(tmp_path, prompts_file):
+    summary, out = run("grpo", tmp_path, prompts_file, max_steps=4, save_steps=4, beta=0.04,
+                       **{**RL, "reward_funcs": ["rl_rewards:glad", "rl_rewards:prompt_length"],
+                          "reward_weights": [1.0, 0.5]})
+    rows = read_jsonl(out / "metrics.jsonl")
+    train_rows = [r for r in rows if "loss" in r]
+    assert TRL_GRPO_NAMES | {"rewards/prompt_length/mean"} <= set(train_rows[0]), set(train_rows[0])
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in train_rows)
+    assert train_rows[0]["kl"] == pytest.approx(0.0, abs=1e-6)  # step 1: the policy is the reference
+    evals = [r for r in rows if "eval_reward" in r]
+    assert [r["step"] for r in evals] == [0, 2, 4] and "eval_kl" in evals[-1]
+    assert summary["reference"] == {"kind": "live"} and "eval_reward" in summary
+    final = _weights(out)
+    checkpoint = _weights(out / "checkpoint-4")
+    for name, value in final.items():
+        torch.testing.assert_close(checkpoint[name], value, rtol=0, atol=0)
+    start = _weights(model_dir())
+    assert any(not torch.equal(value, start[name]) for name, value in final.items())
+
+
+def test_grpo_resume_is_exact(tmp_path, prompts_file, monkeypatch):
+    """4 steps straight == 2 steps, a crash after checkpoint-2, --resume, 2 more: identical weights (the second
+    generation batch is sampled with the same seed from the same weights)."""
+    options = dict(max_steps=4, loss_type="grpo", **{**RL, "eval_steps": None})
+    run("grpo", tmp_path, prompts_file, output_dir=str(tmp_path / "straight"), **options)
+
+    class Crash(Exception):
+        pass
+
+    original = loop.Trainer._save
+
+    def save_then_crash(self):
+        original(self)
+        if self.global_step == 2:
+            raise Crash
+
+    monkeypatch.setattr(loop.Trainer, "_save", save_then_crash)
+    with pytest.raises(Crash):
+        run("grpo", tmp_path, prompts_file, output_dir=str(tmp_path / "resumed"), save_steps=2, **options)
+    monkeypatch.setattr(loop.Trainer, "_save", original)
+    run("grpo", tmp_path, prompts_file, output_dir=str(tmp_path / "resumed"), save_steps=2,
+        resume_from_checkpoint="last", **options)
+    straight, resumed = _weights(tmp_path / "straight"), _weights(tmp_path / "resumed")
+    for name in straight:
+        torch.testing.assert_close(resumed[name], straight[name], rtol=0, atol=0, msg=name)
+    rewards = [r["reward"] for r in read_jsonl(tmp_path / "straight" / "metrics.jsonl") if "reward" in r]
+    assert rewards == [r["reward"] for r in read_jsonl(tmp_path / "resumed" / "metrics.jsonl") if "reward" in r]
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--use_vllm", "true"], "--use_vllm"),
+    (["--vllm_mode", "server"], "--vllm_mode"),
+    (["--steps_per_generation", "4"], "--steps_per_generation"),
+    (["--num_generations", "3"], "multiple of --num_generations"),
+    (["--loss_type", "ppo"], "--loss_type"),
+    (["--importance_sampling_level", "batch"], "--importance_sampling_level"),
+    (["--scale_rewards", "max"], "--scale_rewards"),
+    (["--reward_funcs", "nocolon"], "module:function"),
+    (["--reward_model", "x", "--reward_funcs", "a:b", "--reward_weights", "1"], "--reward_weights"),
+    (["--num_iterations", "2", "--save_steps", "3"], "--save_steps"),
+    (["--top_p", "0"], "--top_p"),
+    (["--fsdp"], "--fsdp"),
+])
+def test_grpo_refusals_name_the_option(argv, message):
+    with pytest.raises(ValueError, match=message.replace("-", r"\-")):
+        parse_config("grpo", ["--reward_funcs", "m:f", "--per_device_train_batch_size", "8", *argv])
+
+
+def test_trl_grpo_defaults():
+    """The defaults are GRPOConfig's (those of fastpref's own choosing aside: the preset fills the demo's)."""
+    trl = pytest.importorskip("trl")
+    from fastpref.train.rl_config import GRPOConfig
+
+    ours = GRPOConfig()
+    theirs = trl.GRPOConfig(output_dir="unused", use_cpu=True)
+    for name in ("num_generations", "max_completion_length", "temperature", "top_p", "top_k", "beta", "loss_type",
+                 "num_iterations", "epsilon", "epsilon_high", "delta", "importance_sampling_level", "scale_rewards",
+                 "mask_truncated_completions", "top_entropy_quantile", "entropy_coef", "use_bias_correction_kl",
+                 "sapo_temperature_neg", "sapo_temperature_pos", "vespo_k_pos", "vespo_lambda_pos", "vespo_k_neg",
+                 "vespo_lambda_neg", "learning_rate", "reward_weights"):
+        assert getattr(ours, name) == getattr(theirs, name), name
+
+
+def test_reward_model_scores_batched_as_one_by_one(tmp_path):
+    """A one-label sequence classifier scores prompt + completion rendered as it was trained (chat template for
+    conversations), the same in batches as alone, and equal to its own forward."""
+    torch.manual_seed(1)
+    config = tiny_config("llama", num_labels=1)
+    model = transformers.LlamaForSequenceClassification(config).eval()
+    model.save_pretrained(tmp_path / "rm")
+    tokenizer = transformers.AutoTokenizer.from_pretrained(tokenizer_dir())
+    tokenizer.save_pretrained(tmp_path / "rm")
+    prompts = ["what colour is the sky number 1 ?", [{"role": "user", "content": "hello there"}],
+               "what colour is the sea number 2 ?"]
+    completions = ["the sky is blue , i am glad to help .", "hi", "no ."]
+    batched = RewardModel(str(tmp_path / "rm"), torch.device("cpu"), batch_size=8)(prompts, completions)
+    alone = torch.cat([RewardModel(str(tmp_path / "rm"), torch.device("cpu"), 1)([p], [c])
+                       for p, c in zip(prompts, completions)])
+    torch.testing.assert_close(batched, alone, rtol=1e-5, atol=1e-6)
+    ids = tokenizer(prompts[0], add_special_tokens=True).input_ids + \
+        tokenizer(completions[0], add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
+    with torch.no_grad():
+        expected = model(input_ids=torch.tensor([ids])).logits[0, 0]
+    torch.testing.assert_close(batched[0], expected, rtol=1e-5, atol=1e-6)
+    assert not torch.is_grad_enabled() or batched.grad_fn is None
+
+
+def test_reward_model_must_have_one_label(tmp_path):
+    transformers.LlamaForSequenceClassification(tiny_config("llama", num_labels=2)).save_pretrained(tmp_path / "rm")
+    with pytest.raises(ValueError, match="labels"):
+        RewardModel(str(tmp_path / "rm"), torch.device("cpu"), 4)
+    with pytest.raises(ValueError, match="sequence-classification"):
+        RewardModel(model_dir(), torch.device("cpu"), 4)
+
+
+def test_grpo_without_a_reward_says_how_to_make_one(tmp_path, prompts_file):
+    env_cwd = tmp_path  # no runs/reward here
+    done = subprocess.run(
+        [sys.executable, "-m", "fastpref.cli", "train", "grpo", "--model", model_dir(), "--dataset",
+         str(prompts_file), "--output_dir", str(tmp_path / "out"), "--max_steps", "1"],
+        cwd=env_cwd, capture_output=True, text=True, timeout=300,
+        env={**__import__("os").environ, "PYTHONPATH": str(REPO)},
+    )
+    assert done.returncode == 1, done.stderr
+    assert "fastpref train reward" in done.stderr and "--reward_funcs" in done.stderr
