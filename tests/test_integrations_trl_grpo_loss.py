@@ -148,3 +148,32 @@ def test_group_advantages_are_trls(scale_rewards):
     torch.testing.assert_close(out.zero_std, torch.isclose(std, torch.zeros_like(std)))
     if scale_rewards != "batch":  # the group of equal rewards has zero spread
         assert out.zero_std[3:6].all() and not out.zero_std[:3].any()
+
+
+def test_rollout_logps_and_entropy_are_trls_at_temperature(grpo_trainer):
+    """The per-token log-probs and entropies the RL loop trains on (`fastpref.train.rl.token_logps`: the fused head
+    on the completion positions, logits / temperature) equal TRL's own (`_get_per_token_logps_and_entropies`, its
+    fused head made with the trainer's temperature, 0.7 here), prompts left-padded and completions right-padded."""
+    from fastpref.train.rl import token_logps
+
+    trainer = grpo_trainer
+    assert trainer.temperature == 0.7
+    model = trainer.model
+    vocab = model.config.vocab_size
+    g = torch.Generator().manual_seed(11)
+    prompt_ids = torch.randint(3, vocab, (4, 5), generator=g)
+    prompt_mask = (torch.arange(5) >= torch.tensor([0, 2, 1, 4])[:, None]).long()  # left padding
+    completion_ids = torch.randint(3, vocab, (4, 6), generator=g)
+    mask = (torch.arange(6) < torch.tensor([6, 3, 1, 5])[:, None]).long()
+    input_ids = torch.cat([prompt_ids, completion_ids], 1)
+    attention = torch.cat([prompt_mask, mask], 1)
+    with torch.no_grad():
+        theirs, their_entropy, _ = type(trainer)._get_per_token_logps_and_entropies(
+            trainer, model, input_ids, attention, completion_ids.shape[1], compute_entropy=True)
+        ours, entropy = token_logps(model, prompt_ids, prompt_mask, completion_ids, mask, 0.7, True)
+    m = mask.bool()
+    torch.testing.assert_close(ours[m], theirs[m], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(entropy[m], their_entropy[m], rtol=1e-5, atol=1e-5)
+    with torch.no_grad():
+        at_one, _ = token_logps(model, prompt_ids, prompt_mask, completion_ids, mask, 1.0, False)
+    assert (at_one[m] - theirs[m]).abs().max() > 1e-3  # the temperature matters: the check can fail
