@@ -23,6 +23,7 @@ TASKS = {
     "dpo": "preference optimisation: DPO family (--loss_type), SimPO / CPO / ORPO, RRHF / PRO (--loss)",
     "reward": "Bradley-Terry reward model (scalar head, fastpref.bt_loss); `rm` is an alias",
     "grpo": "RL against a reward model / reward functions: GRPO and its loss types (--loss_type dapo, grpo, ...)",
+    "rloo": "RL with REINFORCE leave-one-out baselines (TRL's RLOOTrainer)",
 }
 
 

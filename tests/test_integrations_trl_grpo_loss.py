@@ -177,3 +177,52 @@ def test_rollout_logps_and_entropy_are_trls_at_temperature(grpo_trainer):
     with torch.no_grad():
         at_one, _ = token_logps(model, prompt_ids, prompt_mask, completion_ids, mask, 1.0, False)
     assert (at_one[m] - theirs[m]).abs().max() > 1e-3  # the temperature matters: the check can fail
+
+
+@pytest.fixture(scope="module")
+def rloo_trainer():
+    trainer = trl_runs.trainer("rloo")
+    trainer.model.train()
+    return trainer
+
+
+@pytest.mark.parametrize("epsilon_high", [None, 0.28])
+def test_rloo_loss_math_is_trls(rloo_trainer, epsilon_high):
+    """RLOO's sequence-level clipped surrogate equals TRL 1.16 RLOOTrainer._compute_loss: loss and gradients."""
+    from fastpref.losses.policy import rloo_loss
+
+    trainer = rloo_trainer
+    trainer.epsilon_low, trainer.epsilon_high = 0.2, epsilon_high or 0.2
+    mask, logps, old, _, entropies, advantages = _rollouts(7)
+    old_seq = (old * mask).sum(1) + torch.tensor([0.1, -0.3, 0.0, 0.2, -0.05, 0.4])  # ratios on both sides
+    theirs = logps.clone().requires_grad_()
+    trainer._get_per_token_logps_and_entropies = lambda *a, **k: (theirs, entropies, None)
+    inputs = {"prompt_ids": torch.full((B, 3), 5), "prompt_mask": torch.ones(B, 3, dtype=torch.long),
+              "completion_ids": torch.full((B, T), 6), "completion_mask": mask, "advantages": advantages,
+              "old_logps": old_seq}
+    trl_loss = trainer._compute_loss(trainer.model, inputs)
+    trl_loss.backward()
+    ours = logps.clone().requires_grad_()
+    loss, ratio = rloo_loss(ours, old_seq, advantages, mask.float(), epsilon=0.2, epsilon_high=epsilon_high)
+    loss.backward()
+    torch.testing.assert_close(loss.detach(), trl_loss.detach(), rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(ours.grad, theirs.grad, rtol=1e-6, atol=1e-7)
+    low = ((ratio < 0.8) & (advantages < 0)).float().mean().item()
+    assert low == pytest.approx(trainer._metrics["train"]["clip_ratio/low_mean"][-1], abs=1e-7)
+
+
+@pytest.mark.parametrize("normalize", [False, True])
+def test_leave_one_out_advantages_are_trls(normalize):
+    from fastpref.losses.policy import leave_one_out_advantages
+
+    rewards = torch.tensor([1.0, 2.0, 4.0, 3.0, 3.0, 3.0, 0.5, float("nan"), -1.0, 2.0, 7.0, 1.0])
+    k = 3
+    # TRL 1.16 RLOOTrainer._generate_and_score_completions
+    grouped = rewards.view(-1, k)
+    counts = (~torch.isnan(grouped)).sum(dim=1, keepdim=True)
+    baselines = ((torch.nansum(grouped, dim=1, keepdim=True) - grouped) / (counts - 1)).view(-1)
+    expected = rewards - baselines
+    if normalize:
+        expected = (expected - torch.nanmean(expected)) / (nanstd(expected) + 1e-4)
+    torch.testing.assert_close(leave_one_out_advantages(rewards, k, normalize),
+                               torch.nan_to_num(expected, nan=0.0), rtol=1e-6, atol=1e-7)

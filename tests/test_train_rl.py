@@ -161,3 +161,16 @@ def test_grpo_without_a_reward_says_how_to_make_one(tmp_path, prompts_file):
     )
     assert done.returncode == 1, done.stderr
     assert "fastpref train reward" in done.stderr and "--reward_funcs" in done.stderr
+
+
+def test_rloo_end_to_end(tmp_path, prompts_file):
+    """`fastpref train rloo` shares the loop: leave-one-out advantages, the KL taken off the reward (logged as
+    `kl`), the sequence-level clip ratios."""
+    summary, out = run("rloo", tmp_path, prompts_file, max_steps=2, **{**RL, "eval_steps": None})
+    rows = [r for r in read_jsonl(out / "metrics.jsonl") if "loss" in r]
+    assert {"reward", "reward_std", "rewards/glad/mean", "entropy", "kl", "clip_ratio/low_mean",
+            "completions/mean_length", "num_tokens"} <= set(rows[0]), set(rows[0])
+    assert rows[0]["kl"] == pytest.approx(0.0, abs=1e-6)  # the first batch: policy == reference
+    assert summary["reference"] == {"kind": "live"}  # RLOO's beta defaults to 0.05
+    with pytest.raises(ValueError, match="loss_type"):  # GRPO's options are not RLOO's
+        parse_config("rloo", ["--reward_funcs", "m:f", "--loss_type", "dapo"])

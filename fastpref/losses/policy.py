@@ -201,7 +201,7 @@ def high_entropy_mask(entropies: Tensor, mask: Tensor, threshold: float, gathere
     return ((entropies * mask.float()) >= cut) & mask.bool()
 
 
-def _nanstd(x: Tensor, dim=None, keepdim=False) -> Tensor:
+def nanstd(x: Tensor, dim=None, keepdim=False) -> Tensor:
     """Bessel-corrected standard deviation ignoring NaN; NaN below two values (TRL's nanstd)."""
     mean = torch.nanmean(x, dim=dim, keepdim=True)
     variance = torch.nanmean((x - mean) ** 2, dim=dim, keepdim=True)
@@ -232,9 +232,9 @@ def group_advantages(rewards: Tensor, num_generations: int, scale_rewards: str =
     grouped = rewards.view(-1, num_generations)
     mean = torch.nanmean(grouped, dim=1).repeat_interleave(num_generations)
     if scale_rewards == "batch":
-        std = _nanstd(rewards).expand_as(rewards) if rewards.numel() > 1 else torch.zeros_like(rewards)
+        std = nanstd(rewards).expand_as(rewards) if rewards.numel() > 1 else torch.zeros_like(rewards)
     elif num_generations > 1:
-        std = _nanstd(grouped, dim=1).repeat_interleave(num_generations)
+        std = nanstd(grouped, dim=1).repeat_interleave(num_generations)
     else:
         std = torch.zeros_like(rewards)
     advantages = rewards - mean
@@ -242,3 +242,30 @@ def group_advantages(rewards: Tensor, num_generations: int, scale_rewards: str =
         advantages = advantages / (std + 1e-4)
     zero_std = torch.isclose(std, torch.zeros_like(std))
     return Advantages(torch.nan_to_num(advantages, nan=0.0), std, zero_std)
+
+
+def leave_one_out_advantages(rewards: Tensor, num_generations: int, normalize: bool = False) -> Tensor:
+    """RLOO's advantages of (G*K,) rewards (K = num_generations consecutive per prompt): r minus the mean reward of
+    the other scorable completions of its prompt; optionally standardised over the batch; NaN -> 0 (TRL 1.16)."""
+    if rewards.dim() != 1 or rewards.numel() % num_generations:
+        raise ValueError(f"rewards must be (G * num_generations,), got shape {tuple(rewards.shape)} with "
+                         f"num_generations={num_generations}")
+    if num_generations < 2:
+        return torch.zeros_like(rewards)
+    grouped = rewards.view(-1, num_generations)
+    scorable = (~torch.isnan(grouped)).sum(1, keepdim=True)
+    baselines = (torch.nansum(grouped, 1, keepdim=True) - grouped) / (scorable - 1)
+    advantages = rewards - baselines.view(-1)
+    if normalize:
+        advantages = (advantages - torch.nanmean(advantages)) / (nanstd(advantages) + 1e-4)
+    return torch.nan_to_num(advantages, nan=0.0)
+
+
+def rloo_loss(logps: Tensor, old_logps: Tensor, advantages: Tensor, mask: Tensor, *, epsilon: float = 0.2,
+              epsilon_high: float | None = None) -> tuple[Tensor, Tensor]:
+    """RLOO's clipped surrogate on sequence log-probs: (B, T) per-token log-probs (with grad), (B,) old sequence
+    log-probs and advantages, (B, T) mask -> (loss: the mean over sequences, ratio (B,) detached)."""
+    high = epsilon if epsilon_high is None else epsilon_high
+    ratio = torch.exp((logps * mask).sum(1) - old_logps)
+    clipped = torch.clamp(ratio, 1 - epsilon, 1 + high)
+    return -torch.min(ratio * advantages, clipped * advantages).mean(), ratio.detach()

@@ -271,9 +271,9 @@ TASK_ALIASES = {"rm": "reward"}  # fastpref's older name for TRL's `reward`
 
 # The embedded RL demo (tiny-llama): SFT warm-up, then GRPO against the default reward model (rl_config).
 RL_PRESET = dict(
-    sft_warmup_steps=40, sft_warmup_learning_rate=1e-3, learning_rate=2e-5, max_steps=40, num_generations=8,
-    per_device_train_batch_size=32, max_completion_length=24, beta=0.04, eval_steps=8, max_prompt_length=64,
-    max_length=96, warmup_ratio=0.0, lr_scheduler_type="constant", max_eval_samples=32,
+    sft_warmup_steps=20, sft_warmup_learning_rate=1e-3, learning_rate=5e-5, max_steps=30, num_generations=8,
+    per_device_train_batch_size=16, max_completion_length=16, beta=0.04, eval_steps=5, max_prompt_length=64,
+    max_length=96, warmup_ratio=0.0, lr_scheduler_type="constant", max_eval_samples=16, temperature=1.0,
 )
 
 # Presets: defaults that make an embedded model train in minutes; explicit options win.
@@ -296,6 +296,7 @@ PRESET_DEFAULTS: dict[str, dict[str, dict]] = {
         "dpo": dict(precompute_ref_log_probs=True, eval_steps=20),
         "reward": dict(learning_rate=5e-4),
         "grpo": dict(RL_PRESET),
+        "rloo": dict(RL_PRESET),
     },
     "smollm2-135m": {
         "*": dict(
@@ -569,7 +570,7 @@ def validate(config: TrainConfig) -> None:
         value = getattr(config, name)
         if not _matches(value, hint):
             raise TypeError(f"--{name} must be {_describe(hint)}, got {value!r}")
-    ranges = {**_RANGES, **(RL_RANGES if isinstance(config, GRPOConfig) else {})}  # GRPO's beta may be 0
+    ranges = {**_RANGES, **(RL_RANGES if isinstance(config, RLConfig) else {})}  # RL's beta may be 0
     for name, bounds in ranges.items():
         value = getattr(config, name, None)
         if value is not None:
@@ -615,7 +616,7 @@ def validate(config: TrainConfig) -> None:
         )
     if isinstance(config, DPOConfig):
         _validate_dpo(config)
-    if isinstance(config, GRPOConfig):
+    if isinstance(config, RLConfig):
         validate_rl(config)
 
 
@@ -696,6 +697,6 @@ def resume_changes(saved: dict, config: TrainConfig, worlds: tuple[int, int] = (
     return changed
 
 
-from fastpref.train.rl_config import RL_RANGES, GRPOConfig, validate_rl  # noqa: E402  (it builds on TrainConfig above)
+from fastpref.train.rl_config import RL_RANGES, GRPOConfig, RLConfig, RLOOConfig, validate_rl  # noqa: E402, I001
 
-CONFIGS["grpo"] = GRPOConfig
+CONFIGS.update(grpo=GRPOConfig, rloo=RLOOConfig)  # the RL stage (fastpref.train.rl)

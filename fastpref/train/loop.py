@@ -610,6 +610,8 @@ def train(config: TrainConfig) -> dict:
     setup_logging(dist)
     run = start(config, dist)
     try:
+        if config.task in rl.RL_TASKS:
+            config = rl.starting_policy(config)
         if getattr(config, "sft_warmup_steps", 0) > 0:  # dpo, grpo
             config = _sft_warmup(config, dist)
         return Trainer(config, run).fit()

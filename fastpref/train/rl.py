@@ -22,7 +22,14 @@ from pathlib import Path
 import torch
 
 import fastpref
-from fastpref.losses.policy import CLIPPED_LOSS_TYPES, group_advantages, high_entropy_mask, policy_loss
+from fastpref.losses.policy import (
+    CLIPPED_LOSS_TYPES,
+    group_advantages,
+    high_entropy_mask,
+    leave_one_out_advantages,
+    policy_loss,
+    rloo_loss,
+)
 from fastpref.model_head import head_of, hidden_states
 from fastpref.train import metrics
 from fastpref.train.data import (
@@ -37,11 +44,12 @@ from fastpref.train.data import (
     load_rows,
 )
 from fastpref.train.modeling import TaskModule, frozen_copy
-from fastpref.train.rl_config import DEFAULT_REWARD_MODEL, GRPOConfig
+from fastpref.train.rl_config import DEFAULT_REWARD_MODEL, RLConfig, starting_policy  # noqa: F401
 
 log = logging.getLogger("fastpref.train")
 
-RL_TASKS = ("grpo",)
+RL_TASKS = ("grpo", "rloo")
+MAX_TRAIN_EVAL_PROMPTS = 16  # training prompts sampled again at the end, for the summary
 
 
 # --- prompts ---
@@ -56,7 +64,7 @@ class PromptExample(Example):
     columns: dict = field(default_factory=dict)
 
 
-def build_prompt_splits(config: GRPOConfig, tokenizer) -> Splits:
+def build_prompt_splits(config: RLConfig, tokenizer) -> Splits:
     """Prompts of the dataset (a `prompt` column, standard or conversational; preference rows give their prompts,
     each once), split into train / held-out whole prompts at a time, tokenized and cut from the left to
     max_prompt_length."""
@@ -181,17 +189,19 @@ def token_logps(model, prompt_ids, prompt_mask, completion_ids, mask, temperatur
 
 
 class PolicyModule(TaskModule):
-    """forward(micro-batch of rollouts) -> (GRPO-family loss, TRL's metrics as (sum, units))."""
+    """forward(micro-batch of rollouts) -> (GRPO-family or RLOO loss, TRL's metrics as (sum, units))."""
 
     def forward(self, batch):
         c = self.config
         mask = batch["completion_mask"]
         logps, entropies = token_logps(self.model, batch["prompt_ids"], batch["prompt_mask"], batch["completion_ids"],
                                        mask, c.temperature, True)
+        if c.task == "rloo":
+            return self._rloo(batch, logps, entropies, mask)
         entropy_mask = None
         if c.top_entropy_quantile < 1.0:
-            entropy_mask = high_entropy_mask(entropies.detach(), mask, 1 - c.top_entropy_quantile,
-                                             batch.get("gathered_entropies"))
+            # the quantile of this micro-batch's tokens on this process (TRL: of every process's micro-batch)
+            entropy_mask = high_entropy_mask(entropies.detach(), mask, 1 - c.top_entropy_quantile)
         out = policy_loss(
             logps, batch.get("old_logps"), batch["advantages"], mask, loss_type=c.loss_type,
             ref_logps=batch.get("ref_logps"), beta=c.beta, epsilon=c.epsilon, epsilon_high=c.epsilon_high,
@@ -215,6 +225,18 @@ class PolicyModule(TaskModule):
         return out.loss, values
 
 
+    def _rloo(self, batch, logps, entropies, mask):
+        c = self.config
+        loss, ratio = rloo_loss(logps, batch["old_logps"].sum(1), batch["advantages"], mask.to(logps.dtype),
+                                epsilon=c.epsilon, epsilon_high=c.epsilon_high)
+        loss = loss / batch["accumulation"]  # the micro-batches' mean, as the Trainer scales TRL's RLOO loss
+        m = mask.float()
+        values = {"entropy": ((entropies.detach() * m).sum(), m.sum()),
+                  "loss": (loss.detach() * batch["accumulation"], torch.ones((), device=m.device))}
+        values.update(_clip_metrics(ratio.unsqueeze(1), batch["advantages"].unsqueeze(1), m, c))
+        return loss, values
+
+
 def _clip_metrics(ratio, advantages, m, c) -> dict:
     low_bound = 1 - c.epsilon
     high_bound = 1 + (c.epsilon if c.epsilon_high is None else c.epsilon_high)
@@ -232,7 +254,7 @@ def _clip_metrics(ratio, advantages, m, c) -> dict:
 # --- the stage ---
 
 
-def reward_model_path(config: GRPOConfig) -> str | None:
+def reward_model_path(config: RLConfig) -> str | None:
     """--reward_model, else the default `fastpref train reward` output when no --reward_funcs is given; an error
     saying how to make one when there is none."""
     if config.reward_model is not None or config.reward_funcs:
@@ -253,7 +275,7 @@ class RLStage:
         from fastpref.train.rewards import RewardModel, Rewards, load_reward_func
 
         self.trainer = t = trainer
-        c: GRPOConfig = t.config
+        c: RLConfig = t.config
         self.config, self.dist = c, t.dist
         self.sampler = RolloutSampler(len(t.splits.train), c.prompts_per_generation(), t.dist.world,
                                       c.num_iterations, c.seed)
@@ -334,25 +356,28 @@ class RLStage:
         weights = self.rewards.weights
         rewards = (per_func * weights).nansum(1)
         rewards[torch.isnan(per_func).all(1)] = float("nan")
-        if c.scale_rewards == "batch" and self.dist.enabled:  # the batch std spans every process's rewards
-            everything = group_advantages(self._gather(rewards.to(t.device)).cpu(), k, "batch")
-            n = len(rewards)
-            adv = type(everything)(*(x[self.dist.rank * n:(self.dist.rank + 1) * n] for x in everything))
-        else:
-            adv = group_advantages(rewards, k, c.scale_rewards)
         mask = rollouts["completion_mask"]
         lengths = mask.sum(1)
         truncated = rollouts["truncated"]
         if c.mask_truncated_completions:
             mask = mask * (~truncated).long().unsqueeze(1).to(mask.device)
             rollouts["completion_mask"] = mask
-        rollouts["advantages"] = adv.advantages.to(t.device)
         rollouts["num_items"] = mask.sum().float()  # this process's generation batch (dapo / cispo / vespo)
         with torch.no_grad(), t.autocast():
-            if c.num_iterations > 1:  # the sampling policy's log-probs, for the ratios of the later iterations
+            if c.num_iterations > 1 or c.task == "rloo":  # the sampling policy's log-probs, for the ratios
                 rollouts["old_logps"] = self._logps(t.model, rollouts)
             if self.ref_model is not None:
                 rollouts["ref_logps"] = self._logps(self.ref_model, rollouts)
+        extra = {}
+        if c.task == "rloo":
+            adv, extra = self._rloo_advantages(rewards, rollouts)
+        elif c.scale_rewards == "batch" and self.dist.enabled:  # the batch std spans every process's rewards
+            everything = group_advantages(self._gather(rewards.to(t.device)).cpu(), k, "batch")
+            n = len(rewards)
+            adv = type(everything)(*(x[self.dist.rank * n:(self.dist.rank + 1) * n] for x in everything))
+        else:
+            adv = group_advantages(rewards, k, c.scale_rewards)
+        rollouts["advantages"] = adv.advantages.to(t.device)
         ones = torch.ones((), dtype=torch.float64)
         count = torch.tensor(float(len(rewards)), dtype=torch.float64)
         finite = ~torch.isnan(rewards)
@@ -365,12 +390,32 @@ class RLStage:
             "completions/max_length": (lengths.max().double().cpu(), ones),
             "completions/clipped_ratio": (truncated.double().sum().cpu(), count),
         }
+        values.update(extra)
         for name, column in zip(self.rewards.names, per_func.T):
             ok = ~torch.isnan(column)
             values[f"rewards/{name}/mean"] = (column[ok].double().sum(), ok.sum().double())
             values[f"rewards/{name}/std"] = (_nanstd(column), ones)
         rollouts["tokens"] = int(rollouts["prompt_mask"].sum() + rollouts["completion_mask"].sum())
         return rollouts, values
+
+    def _rloo_advantages(self, rewards: torch.Tensor, rollouts: dict):
+        """RLOO (TRL 1.16): rewards clipped, minus beta x the sequence KL (k1, old vs reference), leave-one-out
+        baseline, optionally standardised over the batch."""
+        from fastpref.losses.policy import Advantages, nanstd
+
+        c = self.config
+        rewards = rewards.clone()
+        if c.reward_clip_range:
+            rewards = rewards.clamp(min=c.reward_clip_range[0], max=c.reward_clip_range[1])
+        extra = {}
+        if self.ref_model is not None:
+            m = rollouts["completion_mask"].float()
+            per_token_kl = (rollouts["old_logps"] - rollouts["ref_logps"]) * m
+            rewards = rewards - c.beta * per_token_kl.sum(1).cpu()
+            extra["kl"] = (per_token_kl.sum().double().cpu(), m.sum().double().cpu())
+        std = nanstd(rewards.view(-1, c.num_generations), dim=1).repeat_interleave(c.num_generations)
+        advantages = leave_one_out_advantages(rewards, c.num_generations, c.normalize_advantages)
+        return Advantages(advantages, std, torch.isclose(std, torch.zeros_like(std))), extra
 
     def _logps(self, model, rollouts) -> torch.Tensor:
         c, per = self.config, self.config.per_device_train_batch_size
@@ -399,14 +444,11 @@ class RLStage:
         per, steps = c.per_device_train_batch_size, c.gradient_accumulation_steps
         keys = ("prompt_ids", "prompt_mask", "completion_ids", "completion_mask", "advantages", "old_logps",
                 "ref_logps")
-        gathered = None
-        if c.top_entropy_quantile < 1.0 and dist.enabled:
-            log.debug("top_entropy_quantile: the quantile is taken per micro-batch on each process")
         skipped = False
         for i in range(steps):
             s = slice(i * per, (i + 1) * per)
             batch = {k: rollouts[k][s] for k in keys if k in rollouts}
-            batch.update(num_items=rollouts["num_items"], accumulation=steps, gathered_entropies=gathered)
+            batch.update(num_items=rollouts["num_items"], accumulation=steps)
             last = i == steps - 1
             sync = contextlib.nullcontext() if last or not hasattr(t.wrapped, "no_sync") else t.wrapped.no_sync()
             with sync:
@@ -437,7 +479,7 @@ class RLStage:
         """Mean reward of completions sampled for held-out prompts (a fixed seed, so successive evaluations differ
         by the policy alone), with the KL to the reference beside it; `train` scores training prompts."""
         t, c, dist = self.trainer, self.config, self.dist
-        examples = t.splits.eval if split == "eval" else t.splits.train[:64]
+        examples = t.splits.eval if split == "eval" else t.splits.train[:MAX_TRAIN_EVAL_PROMPTS]
         if not examples:
             return {}
         mine = examples[dist.rank::dist.world]
