@@ -174,3 +174,16 @@ def test_rloo_end_to_end(tmp_path, prompts_file):
     assert summary["reference"] == {"kind": "live"}  # RLOO's beta defaults to 0.05
     with pytest.raises(ValueError, match="loss_type"):  # GRPO's options are not RLOO's
         parse_config("rloo", ["--reward_funcs", "m:f", "--loss_type", "dapo"])
+
+
+def test_each_rank_samples_its_own_prompts_with_its_own_seed():
+    from fastpref.train.rl import RolloutSampler, sampling_seed
+
+    sampler = RolloutSampler(20, per_rank=3, world=2, num_iterations=2, seed=0)
+    assert sampler.steps_per_epoch == 3 * 2  # 3 generation batches of 6 prompts, each trained on twice
+    for generation in range(4):
+        mine, theirs = sampler.prompts(generation, 0), sampler.prompts(generation, 1)
+        assert len(mine) == len(theirs) == 3 and not set(mine) & set(theirs)
+    assert sampler.prompts(3, 0) != sampler.prompts(0, 0)  # a new epoch, a new order
+    seeds = {sampling_seed(0, g, r) for g in range(4) for r in range(2)}
+    assert len(seeds) == 8
