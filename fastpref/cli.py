@@ -181,6 +181,10 @@ def _print_summary(summary: dict) -> None:
             if value is not None:
                 shown.append(f"{label} {value:.3f}")
         lines.append(f"  {split} ({n} examples): " + ", ".join(shown))
+    if "eval_reward_start" in summary:  # the RL stage
+        lines.append(f"  held-out mean reward {summary['eval_reward_start']:.3f} at step 0 -> "
+                     f"{summary['eval_reward_end']:.3f} (step-to-step noise {summary['eval_reward_step_noise']:.3f})"
+                     + (f", kl {summary['eval_kl']:.4f}" if summary.get("eval_kl") is not None else ""))
     print("\n".join(lines))
 
 

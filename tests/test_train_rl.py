@@ -48,6 +48,8 @@ def test_grpo_end_to_end(tmp_path, prompts_file):
     evals = [r for r in rows if "eval_reward" in r]
     assert [r["step"] for r in evals] == [0, 2, 4] and "eval_kl" in evals[-1]
     assert summary["reference"] == {"kind": "live"} and "eval_reward" in summary
+    assert summary["eval_reward_start"] == evals[0]["eval_reward"]
+    assert summary["eval_reward_end"] == evals[-1]["eval_reward"] and summary["eval_reward_step_noise"] >= 0
     final = _weights(out)
     checkpoint = _weights(out / "checkpoint-4")
     for name, value in final.items():

@@ -539,6 +539,8 @@ class Trainer:
         self._save_final()
         summary.update(final)
         summary.update(train_eval)
+        if self.rl and dist.main:
+            summary.update(rl.reward_curve_summary(metrics.read_jsonl(self.run_dir / "metrics.jsonl")))
         summary["train_seconds"] = round(train_seconds, 1)
         summary["steps"] = self.global_step
         self.metrics_log.close()

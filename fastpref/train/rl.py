@@ -513,6 +513,18 @@ class RLStage:
         return {f"{prefix}{k_}": v for k_, v in out.items()} | {f"{prefix}samples": len(examples)}
 
 
+def reward_curve_summary(rows: list[dict]) -> dict:
+    """The held-out mean reward before training, at the end, and its step-to-step noise: the standard deviation
+    of the differences between successive evaluations (the same prompts and seeds each time)."""
+    curve = [r["eval_reward"] for r in rows if r.get("eval_reward") is not None]
+    if len(curve) < 2:
+        return {}
+    steps = [b - a for a, b in zip(curve, curve[1:])]
+    mean = sum(steps) / len(steps)
+    noise = math.sqrt(sum((d - mean) ** 2 for d in steps) / (len(steps) - 1)) if len(steps) > 1 else float("nan")
+    return {"eval_reward_start": curve[0], "eval_reward_end": curve[-1], "eval_reward_step_noise": noise}
+
+
 def _nanstd(x: torch.Tensor) -> torch.Tensor:
     ok = x[~torch.isnan(x)].double()
     return ok.std() if ok.numel() > 1 else torch.tensor(float("nan"), dtype=torch.float64)
