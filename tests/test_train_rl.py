@@ -189,3 +189,23 @@ def test_each_rank_samples_its_own_prompts_with_its_own_seed():
     assert sampler.prompts(3, 0) != sampler.prompts(0, 0)  # a new epoch, a new order
     seeds = {sampling_seed(0, g, r) for g in range(4) for r in range(2)}
     assert len(seeds) == 8
+
+
+def test_the_embedded_pipeline_chains_the_default_outputs(tmp_path, monkeypatch):
+    """With no arguments, grpo starts from `fastpref train sft`'s default output and scores with `fastpref train
+    reward`'s when they exist; without runs/sft the tiny preset warms up itself."""
+    from fastpref.train.rl import reward_model_path, starting_policy
+
+    monkeypatch.chdir(tmp_path)
+    config = parse_config("grpo", [])
+    assert config.model_name_or_path == "tiny-llama" and config.sft_warmup_steps > 0 and config.beta > 0
+    assert starting_policy(config) is config
+    with pytest.raises(FileNotFoundError, match="fastpref train reward"):
+        reward_model_path(config)
+    for folder in ("runs/sft", "runs/reward"):
+        (tmp_path / folder).mkdir(parents=True)
+        (tmp_path / folder / "config.json").write_text("{}")
+    started = starting_policy(config)
+    assert started.model_name_or_path == "runs/sft" and started.sft_warmup_steps == 0
+    assert reward_model_path(config) == "runs/reward"
+    assert reward_model_path(parse_config("grpo", ["--reward_funcs", "m:f"])) is None  # functions alone
