@@ -4,7 +4,6 @@ seeded sampling, and TRL's options it does not support refused by name."""
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 

@@ -14,7 +14,6 @@ reference (beta > 0) come from `fastpref.linear_token_logps` on the hidden state
 from __future__ import annotations
 
 import contextlib
-import logging
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,8 +44,6 @@ from fastpref.train.data import (
 )
 from fastpref.train.modeling import TaskModule, frozen_copy
 from fastpref.train.rl_config import DEFAULT_REWARD_MODEL, RLConfig, starting_policy  # noqa: F401
-
-log = logging.getLogger("fastpref.train")
 
 RL_TASKS = ("grpo", "rloo")
 MAX_TRAIN_EVAL_PROMPTS = 16  # training prompts sampled again at the end, for the summary
@@ -124,7 +121,8 @@ class RolloutSampler:
     prompts_per_generation x world prompts; each optimizer step belongs to generation batch step // num_iterations."""
 
     def __init__(self, n_prompts: int, per_rank: int, world: int, num_iterations: int, seed: int):
-        self.n, self.per_rank, self.world, self.num_iterations, self.seed = n_prompts, per_rank, world, num_iterations, seed
+        self.n, self.per_rank, self.world, self.seed = n_prompts, per_rank, world, seed
+        self.num_iterations = num_iterations
         self.global_batch = per_rank * world  # prompts
         generations = n_prompts // self.global_batch
         if generations == 0:
