@@ -208,3 +208,21 @@ def test_the_embedded_pipeline_chains_the_default_outputs(tmp_path, monkeypatch)
     assert started.model_name_or_path == "runs/sft" and started.sft_warmup_steps == 0
     assert reward_model_path(config) == "runs/reward"
     assert reward_model_path(parse_config("grpo", ["--reward_funcs", "m:f"])) is None  # functions alone
+
+
+@pytest.mark.parametrize("task", ["grpo", "rloo"])
+def test_unsupported_trl_options_are_accepted_only_at_trls_defaults(task):
+    """Every TRL name fastpref train grpo / rloo does not implement is listed with its TRL 1.16 default (read from
+    the installed config): at that value it is accepted, at any other refused by name."""
+    trl = pytest.importorskip("trl")
+    import dataclasses
+
+    from fastpref.train.trl_names import TASK_DEFAULTS
+
+    config_cls = {"grpo": trl.GRPOConfig, "rloo": trl.RLOOConfig}[task]
+    defaults = {f.name: f.default for f in dataclasses.fields(config_cls)}
+    for name, value in TASK_DEFAULTS[task].items():
+        assert name in defaults and defaults[name] == value, name
+    parse_config(task, ["--reward_funcs", "m:f", "--use_vllm", "false", "--repetition_penalty", "1.0"])
+    with pytest.raises(ValueError, match="--repetition_penalty"):
+        parse_config(task, ["--reward_funcs", "m:f", "--repetition_penalty", "1.2"])
