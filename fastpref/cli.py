@@ -24,6 +24,7 @@ TASKS = {
     "reward": "Bradley-Terry reward model (scalar head, fastpref.bt_loss); `rm` is an alias",
     "grpo": "RL against a reward model / reward functions: GRPO and its loss types (--loss_type dapo, grpo, ...)",
     "rloo": "RL with REINFORCE leave-one-out baselines (TRL's RLOOTrainer)",
+    "raft": "reward-ranked fine-tuning: sample, keep each prompt's best completion by reward, SFT on it",
 }
 
 

@@ -226,3 +226,30 @@ def test_unsupported_trl_options_are_accepted_only_at_trls_defaults(task):
     parse_config(task, ["--reward_funcs", "m:f", "--use_vllm", "false", "--repetition_penalty", "1.0"])
     with pytest.raises(ValueError, match="--repetition_penalty"):
         parse_config(task, ["--reward_funcs", "m:f", "--repetition_penalty", "1.2"])
+
+
+def test_raft_trains_on_each_prompts_best_completion(tmp_path, prompts_file, monkeypatch):
+    """`fastpref train raft`: per generation batch, the best completion of each group by reward is kept and an SFT
+    step (token-mean NLL) is taken on the kept ones."""
+    from fastpref.train import rl
+
+    kept = []
+    original = rl.RLStage._keep_best
+
+    def spy(self, rollouts, rewards):
+        out, values = original(self, rollouts, rewards)
+        kept.append((rewards.view(-1, self.config.num_generations), out["texts"], rollouts["texts"]))
+        return out, values
+
+    monkeypatch.setattr(rl.RLStage, "_keep_best", spy)
+    summary, out = run("raft", tmp_path, prompts_file, max_steps=2, gradient_accumulation_steps=2,
+                       **{**RL, "eval_steps": None})
+    rows = [r for r in read_jsonl(out / "metrics.jsonl") if "loss" in r]
+    assert {"reward", "raft/kept_reward", "entropy", "completions/mean_length"} <= set(rows[0]), set(rows[0])
+    assert summary["reference"] == {"kind": "none"}
+    for rewards, texts, all_texts in kept:
+        assert len(texts) == rewards.shape[0] == 4  # 8 x 2 completions / 4 per prompt
+        for group, (row, text) in enumerate(zip(rewards, texts)):
+            best = int(torch.nan_to_num(row, nan=-1e9).argmax())
+            assert text == all_texts[group * 4 + best]
+    assert rows[0]["raft/kept_reward"] >= rows[0]["reward"]

@@ -297,6 +297,7 @@ PRESET_DEFAULTS: dict[str, dict[str, dict]] = {
         "reward": dict(learning_rate=5e-4),
         "grpo": dict(RL_PRESET),
         "rloo": dict(RL_PRESET),
+        "raft": {k: v for k, v in RL_PRESET.items() if k != "beta"},
     },
     "smollm2-135m": {
         "*": dict(
@@ -697,6 +698,6 @@ def resume_changes(saved: dict, config: TrainConfig, worlds: tuple[int, int] = (
     return changed
 
 
-from fastpref.train.rl_config import RL_RANGES, GRPOConfig, RLConfig, RLOOConfig, validate_rl  # noqa: E402, I001
+from fastpref.train.rl_config import RL_RANGES, GRPOConfig, RAFTConfig, RLConfig, RLOOConfig, validate_rl  # noqa: E402,I001
 
-CONFIGS.update(grpo=GRPOConfig, rloo=RLOOConfig)  # the RL stage (fastpref.train.rl)
+CONFIGS.update(grpo=GRPOConfig, rloo=RLOOConfig, raft=RAFTConfig)  # the RL stage (fastpref.train.rl)

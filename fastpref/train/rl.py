@@ -45,7 +45,7 @@ from fastpref.train.data import (
 from fastpref.train.modeling import TaskModule, frozen_copy
 from fastpref.train.rl_config import DEFAULT_REWARD_MODEL, RLConfig, starting_policy  # noqa: F401
 
-RL_TASKS = ("grpo", "rloo")
+RL_TASKS = ("grpo", "rloo", "raft")
 MAX_TRAIN_EVAL_PROMPTS = 16  # training prompts sampled again at the end, for the summary
 
 
@@ -196,6 +196,12 @@ class PolicyModule(TaskModule):
                                        mask, c.temperature, True)
         if c.task == "rloo":
             return self._rloo(batch, logps, entropies, mask)
+        if c.task == "raft":  # SFT on the kept completions: the token mean over this process's generation batch
+            m = mask.to(logps.dtype)
+            loss = -(logps * m).sum() / batch["num_items"].clamp(min=1.0)
+            values = {"entropy": ((entropies.detach() * m).sum(), m.sum()),
+                      "loss": (loss.detach() * batch["accumulation"], torch.ones((), device=m.device))}
+            return loss, values
         entropy_mask = None
         if c.top_entropy_quantile < 1.0:
             # the quantile of this micro-batch's tokens on this process (TRL: of every process's micro-batch)
@@ -276,11 +282,12 @@ class RLStage:
         c: RLConfig = t.config
         self.config, self.dist = c, t.dist
         self.sampler = RolloutSampler(len(t.splits.train), c.prompts_per_generation(), t.dist.world,
-                                      c.num_iterations, c.seed)
+                                      getattr(c, "num_iterations", 1), c.seed)
+        self.iterations = getattr(c, "num_iterations", 1)  # raft: one step per generation batch
         path = reward_model_path(c)
         reward_model = RewardModel(path, t.device, c.per_device_eval_batch_size) if path else None
         self.rewards = Rewards(reward_model, [load_reward_func(s) for s in c.reward_funcs or []], c.reward_weights)
-        self.ref_model = frozen_copy(t.model) if c.beta != 0.0 else None
+        self.ref_model = frozen_copy(t.model) if getattr(c, "beta", 0.0) != 0.0 else None
         t.reference = {"kind": "live" if self.ref_model is not None else "none"}
         tok = t.tokenizer
         self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
@@ -360,22 +367,26 @@ class RLStage:
         if c.mask_truncated_completions:
             mask = mask * (~truncated).long().unsqueeze(1).to(mask.device)
             rollouts["completion_mask"] = mask
+        extra = {}
+        if c.task == "raft":
+            rollouts, extra = self._keep_best(rollouts, rewards)
+            mask = rollouts["completion_mask"]
         rollouts["num_items"] = mask.sum().float()  # this process's generation batch (dapo / cispo / vespo)
         with torch.no_grad(), t.autocast():
-            if c.num_iterations > 1 or c.task == "rloo":  # the sampling policy's log-probs, for the ratios
+            if self.iterations > 1 or c.task == "rloo":  # the sampling policy's log-probs, for the ratios
                 rollouts["old_logps"] = self._logps(t.model, rollouts)
             if self.ref_model is not None:
                 rollouts["ref_logps"] = self._logps(self.ref_model, rollouts)
-        extra = {}
         if c.task == "rloo":
             adv, extra = self._rloo_advantages(rewards, rollouts)
-        elif c.scale_rewards == "batch" and self.dist.enabled:  # the batch std spans every process's rewards
+        elif getattr(c, "scale_rewards", "group") == "batch" and self.dist.enabled:  # the batch std spans every process's rewards
             everything = group_advantages(self._gather(rewards.to(t.device)).cpu(), k, "batch")
             n = len(rewards)
             adv = type(everything)(*(x[self.dist.rank * n:(self.dist.rank + 1) * n] for x in everything))
         else:
-            adv = group_advantages(rewards, k, c.scale_rewards)
-        rollouts["advantages"] = adv.advantages.to(t.device)
+            adv = group_advantages(rewards, k, getattr(c, "scale_rewards", "group"))  # raft: for the metrics
+        if c.task != "raft":
+            rollouts["advantages"] = adv.advantages.to(t.device)
         ones = torch.ones((), dtype=torch.float64)
         count = torch.tensor(float(len(rewards)), dtype=torch.float64)
         finite = ~torch.isnan(rewards)
@@ -395,6 +406,17 @@ class RLStage:
             values[f"rewards/{name}/std"] = (_nanstd(column), ones)
         rollouts["tokens"] = int(rollouts["prompt_mask"].sum() + rollouts["completion_mask"].sum())
         return rollouts, values
+
+    def _keep_best(self, rollouts: dict, rewards: torch.Tensor) -> tuple[dict, dict]:
+        """RAFT: the rollouts of each prompt's best completion by reward (unscorable ones last)."""
+        k = self.config.num_generations
+        grouped = torch.nan_to_num(rewards, nan=-math.inf).view(-1, k)
+        best = grouped.argmax(1) + torch.arange(grouped.shape[0]) * k
+        kept = {name: value[best.to(value.device)] for name, value in rollouts.items()
+                if isinstance(value, torch.Tensor)}
+        kept["texts"] = [rollouts["texts"][i] for i in best.tolist()]
+        n = torch.tensor(float(len(best)), dtype=torch.float64)
+        return kept, {"raft/kept_reward": (rewards[best].double().nansum(), n)}
 
     def _rloo_advantages(self, rewards: torch.Tensor, rollouts: dict):
         """RLOO (TRL 1.16): rewards clipped, minus beta x the sequence KL (k1, old vs reference), leave-one-out
@@ -431,15 +453,17 @@ class RLStage:
         """One optimizer step of the loop (Trainer._step's contract): sample (every num_iterations steps), then
         the accumulated micro-batches of this generation batch."""
         t, c, dist = self.trainer, self.config, self.dist
-        generation = t.global_step // c.num_iterations
+        generation = t.global_step // self.iterations
         if self.cache is None or self.cache[0] != generation:
             rollouts, gen_values = self.generate(generation)
             self.cache = (generation, rollouts, gen_values)
         _, rollouts, gen_values = self.cache
         acc = metrics.Accumulator()
-        if t.global_step % c.num_iterations == 0:
+        if t.global_step % self.iterations == 0:
             acc.add(gen_values)  # the generation's reward metrics, logged once per generation batch
         per, steps = c.per_device_train_batch_size, c.gradient_accumulation_steps
+        if c.task == "raft":  # the best completion of each group is kept
+            per //= c.num_generations
         keys = ("prompt_ids", "prompt_mask", "completion_ids", "completion_mask", "advantages", "old_logps",
                 "ref_logps")
         skipped = False
@@ -467,7 +491,7 @@ class RLStage:
                 t._check_weights()
         t.optimizer.zero_grad(set_to_none=True)
         t.scheduler.step()
-        tokens = rollouts["tokens"] if t.global_step % c.num_iterations == 0 else 0
+        tokens = rollouts["tokens"] if t.global_step % self.iterations == 0 else 0
         return {"acc": acc, "grad_norm": grad_norm, "tokens": tokens}, skipped
 
     # --- held-out reward ---

@@ -1,4 +1,4 @@
-"""Options of the RL stage (`fastpref train grpo | rloo`), with TRL 1.16 GRPOConfig's / RLOOConfig's names and
+"""Options of the RL stage (`fastpref train grpo | rloo | raft`), with TRL 1.16 GRPOConfig's / RLOOConfig's names and
 defaults.
 
 per_device_train_batch_size counts completions, as TRL's: each process samples
@@ -53,13 +53,6 @@ class RLConfig(TrainConfig):
     mask_truncated_completions: bool = field(
         default=False, metadata=_help("Completions cut at max_completion_length count for nothing in the loss.")
     )
-    # --- loss ---
-    beta: float = field(default=0.0, metadata=_help("Weight of the KL to the reference; 0 loads no reference."))
-    num_iterations: int = field(default=1, metadata=_help("Optimizer steps per generation batch (mu)."))
-    epsilon: float = field(default=0.2, metadata=_help("Lower clipping bound: r >= 1 - epsilon."))
-    epsilon_high: float | None = field(
-        default=None, metadata=_help("Upper clipping bound (GRPO's cispo: the ratio cap); None: epsilon.")
-    )
     # --- the warm start ---
     sft_warmup_steps: int = field(
         default=0,
@@ -77,7 +70,19 @@ class RLConfig(TrainConfig):
 
 
 @dataclass
-class GRPOConfig(RLConfig):
+class PolicyGradientConfig(RLConfig):
+    """GRPO's and RLOO's common loss options: the KL weight, the clipped importance ratio, reuse of a batch."""
+
+    beta: float = field(default=0.0, metadata=_help("Weight of the KL to the reference; 0 loads no reference."))
+    num_iterations: int = field(default=1, metadata=_help("Optimizer steps per generation batch (mu)."))
+    epsilon: float = field(default=0.2, metadata=_help("Lower clipping bound: r >= 1 - epsilon."))
+    epsilon_high: float | None = field(
+        default=None, metadata=_help("Upper clipping bound (GRPO's cispo: the ratio cap); None: epsilon.")
+    )
+
+
+@dataclass
+class GRPOConfig(PolicyGradientConfig):
     """Group Relative Policy Optimization (TRL's GRPOTrainer): sample num_generations completions per prompt,
     score them with a reward model and / or reward functions, and optimise the clipped surrogate of the
     group-normalised advantages (fastpref.losses.policy), with a k3 KL to the reference when beta > 0."""
@@ -110,7 +115,7 @@ class GRPOConfig(RLConfig):
 
 
 @dataclass
-class RLOOConfig(RLConfig):
+class RLOOConfig(PolicyGradientConfig):
     """REINFORCE Leave-One-Out (TRL's RLOOTrainer): each completion's baseline is the mean reward of the other
     completions of its prompt; the KL to the reference (k1, summed over the sequence) is taken off the reward;
     the sequence-level ratio is clipped (fastpref.losses.policy.rloo_loss)."""
@@ -122,6 +127,16 @@ class RLOOConfig(RLConfig):
         default=None, metadata=_help("Clip the rewards to [low, high] before the KL and the baseline.")
     )
     task = "rloo"
+
+
+@dataclass
+class RAFTConfig(RLConfig):
+    """Reward-ranked fine-tuning (RAFT, Dong et al. 2023): per generation batch, sample num_generations completions
+    per prompt, keep the best by reward, and take an SFT step (token-mean NLL) on the kept completions. No
+    reference, no ratio: cheaper than GRPO, and it only ever imitates its own best samples."""
+
+    learning_rate: float = field(default=2e-5, metadata=_help("AdamW learning rate (TRL's SFT default)."))
+    task = "raft"
 
 
 def starting_policy(config: RLConfig) -> RLConfig:
@@ -152,6 +167,8 @@ def validate_rl(config: RLConfig) -> None:
     """The RL options' ranges and combinations; each error names the option."""
 
     for name in ("num_generations", "max_completion_length", "num_iterations"):
+        if not hasattr(config, name):
+            continue
         if getattr(config, name) <= 0:
             raise ValueError(f"--{name} must be > 0, got {getattr(config, name)}")
     if config.top_k < 0:
@@ -182,13 +199,17 @@ def validate_rl(config: RLConfig) -> None:
         module, _, name = spec.partition(":")
         if not module or not name:
             raise ValueError(f"--reward_funcs {spec!r}: expected module:function (e.g. my_rewards:length_reward)")
-    if config.num_iterations > 1 and config.save_steps and config.save_steps % config.num_iterations:
+    if isinstance(config, RAFTConfig) and config.per_device_train_batch_size % config.num_generations:
+        raise ValueError(f"--per_device_train_batch_size ({config.per_device_train_batch_size}) must be a multiple "
+                         f"of --num_generations ({config.num_generations}) for raft: each micro-batch keeps the best "
+                         "completion of whole groups")
+    if getattr(config, "num_iterations", 1) > 1 and config.save_steps and config.save_steps % config.num_iterations:
         raise ValueError(f"--save_steps ({config.save_steps}) must be a multiple of --num_iterations "
                          f"({config.num_iterations}): a checkpoint falls between generation batches, so resuming it "
                          "samples the next batch exactly")
     if config.fsdp:
         raise ValueError("--fsdp is not supported by `fastpref train grpo` yet (use DDP: torchrun without --fsdp)")
-    if config.use_peft and config.beta:
+    if config.use_peft and getattr(config, "beta", 0.0):
         raise ValueError("--use_peft with --beta > 0 is not supported by `fastpref train grpo` yet")
 
 

@@ -63,6 +63,7 @@ TASK_DEFAULTS["grpo"] = {
     "max_tool_calling_iterations": None, "cast_lm_head_to_fp32": False, "ds3_gather_for_generation": True,
     "shuffle_dataset": True, "log_multimodal": True, "log_completions_hub_repo": None,
 }
+TASK_DEFAULTS["raft"] = TASK_DEFAULTS["grpo"]  # RAFT is no TRL trainer: GRPOConfig's sampling names
 TASK_DEFAULTS["rloo"] = {k: v for k, v in TASK_DEFAULTS["grpo"].items() if k not in (
     "cast_lm_head_to_fp32", "use_adaptive_entropy", "entropy_target", "entropy_coef_min", "entropy_coef_max",
     "entropy_coef_delta", "off_policy_mask_threshold", "multi_objective_aggregation", "max_tool_calling_iterations",
