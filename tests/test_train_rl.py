@@ -57,10 +57,13 @@ def test_grpo_end_to_end(tmp_path, prompts_file):
     assert any(not torch.equal(value, start[name]) for name, value in final.items())
 
 
-def test_grpo_resume_is_exact(tmp_path, prompts_file, monkeypatch):
+@pytest.mark.parametrize("loss_type,num_iterations", [("grpo", 1), ("dapo", 2)])
+def test_grpo_resume_is_exact(tmp_path, prompts_file, monkeypatch, loss_type, num_iterations):
     """4 steps straight == 2 steps, a crash after checkpoint-2, --resume, 2 more: identical weights (the second
-    generation batch is sampled with the same seed from the same weights)."""
-    options = dict(max_steps=4, loss_type="grpo", **{**RL, "eval_steps": None})
+    generation batch is sampled with the same seed from the same weights; with num_iterations 2 the checkpoint
+    falls between generation batches, and the old policy's log-probs are recomputed as they were)."""
+    options = dict(max_steps=4, loss_type=loss_type, num_iterations=num_iterations, beta=0.02,
+                   **{**RL, "eval_steps": None})
     run("grpo", tmp_path, prompts_file, output_dir=str(tmp_path / "straight"), **options)
 
     class Crash(Exception):
@@ -162,6 +165,9 @@ def test_grpo_without_a_reward_says_how_to_make_one(tmp_path, prompts_file):
     )
     assert done.returncode == 1, done.stderr
     assert "fastpref train reward" in done.stderr and "--reward_funcs" in done.stderr
+    refused = subprocess.run([sys.executable, "-m", "fastpref.cli", "train", "grpo", "--use_vllm", "true"],
+                             cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert refused.returncode == 2 and "--use_vllm True is not supported" in refused.stderr, refused.stderr
 
 
 def test_rloo_end_to_end(tmp_path, prompts_file):
