@@ -259,3 +259,30 @@ def test_raft_trains_on_each_prompts_best_completion(tmp_path, prompts_file, mon
             best = int(torch.nan_to_num(row, nan=-1e9).argmax())
             assert text == all_texts[group * 4 + best]
     assert rows[0]["raft/kept_reward"] >= rows[0]["reward"]
+
+
+def test_generation_uses_the_kv_cache_and_the_last_positions_logits(tmp_path, prompts_file):
+    """Sampling runs the model's generate with its KV cache: after the prompt, one new position per forward, and
+    the LM head only ever sees the last position (never (positions x vocab) logits for the whole sequence)."""
+    from fastpref.train.config import make_config
+
+    config = make_config("grpo", model_name_or_path=model_dir(), dataset_name=str(prompts_file),
+                         output_dir=str(tmp_path / "out"), torch_threads=1, **{**RL, "max_completion_length": 5})
+    trainer = loop.Trainer(config)
+    try:
+        seen, fed = [], []
+        head, embed = trainer.model.get_output_embeddings(), trainer.model.get_input_embeddings()
+        hooks = [head.register_forward_hook(lambda module, args, out: seen.append(tuple(args[0].shape))),
+                 embed.register_forward_hook(lambda module, args, out: fed.append(tuple(args[0].shape)))]
+        rollouts = trainer.rl.sample(trainer.splits.train[:2], 4, seed=3)
+        for hook in hooks:
+            hook.remove()
+        assert seen and all(shape[1] == 1 for shape in seen), seen  # (completions, 1, hidden) each call
+        assert fed[0][1] > 1 and all(shape[1] == 1 for shape in fed[1:]), fed  # the prompt once, then 1 token
+        assert len(seen) <= 5  # one forward per new token
+        again = trainer.rl.sample(trainer.splits.train[:2], 4, seed=3)
+        assert torch.equal(again["completion_ids"], rollouts["completion_ids"])  # seeded
+        other = trainer.rl.sample(trainer.splits.train[:2], 4, seed=4)
+        assert not torch.equal(other["completion_ids"], rollouts["completion_ids"])
+    finally:
+        trainer.run.release()
