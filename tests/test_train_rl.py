@@ -286,3 +286,39 @@ def test_generation_uses_the_kv_cache_and_the_last_positions_logits(tmp_path, pr
         assert not torch.equal(other["completion_ids"], rollouts["completion_ids"])
     finally:
         trainer.run.release()
+
+
+def test_no_tokens_by_vocab_tensor_for_policy_old_policy_or_reference(tmp_path, prompts_file, monkeypatch):
+    """An allocation log (tests/test_memory.py's) over the RL step's log-prob passes: the old policy's and the
+    reference's (no grad) and the policy's loss forward + backward (with entropy) never allocate a tensor of
+    (completion tokens x vocab) elements; the gradients of the (V, H) embedding are the largest."""
+    from test_memory import AllocationLog
+
+    from fastpref.backends import torch_chunked
+    from fastpref.train.config import make_config
+
+    monkeypatch.setattr(torch_chunked, "TILE_BYTES", 1 << 18)  # tiles of 64k fp32 elements
+    vocab, completions, length = 8192, 8, 16
+    torch.manual_seed(0)
+    folder = tmp_path / "wide"
+    transformers.AutoModelForCausalLM.from_config(tiny_config("llama", vocab=vocab)).save_pretrained(folder)
+    transformers.AutoTokenizer.from_pretrained(tokenizer_dir()).save_pretrained(folder)
+    config = make_config("grpo", model_name_or_path=str(folder), dataset_name=str(prompts_file),
+                         output_dir=str(tmp_path / "out"), torch_threads=1, beta=0.04, num_iterations=2,
+                         **{**RL, "max_completion_length": length, "per_device_train_batch_size": completions})
+    trainer = loop.Trainer(config)
+    try:
+        trainer.tokenizer.batch_decode = lambda seqs, **_: [" ".join(map(str, s.tolist())) for s in seqs]
+        rollouts, values = trainer.rl.generate(0)
+        trainer.rl.cache = (0, rollouts, values)
+        n_by_v = int(rollouts["completion_mask"].sum()) * vocab
+        assert n_by_v >= completions * (length - 2) * vocab  # the completions ran (nearly) to their length
+        with AllocationLog() as log:
+            trainer.rl._logps(trainer.rl.ref_model, rollouts)
+            trainer.rl._logps(trainer.model, rollouts)
+            trainer.rl.step()
+        assert "aten.matmul.default" in log.ops() or "aten.mm.default" in log.ops()
+        assert log.largest() <= vocab * 32  # the (V, H) gradients and weights; never N x V
+        assert log.largest() < n_by_v // 3
+    finally:
+        trainer.run.release()
