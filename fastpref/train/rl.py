@@ -379,7 +379,7 @@ class RLStage:
                 rollouts["ref_logps"] = self._logps(self.ref_model, rollouts)
         if c.task == "rloo":
             adv, extra = self._rloo_advantages(rewards, rollouts)
-        elif getattr(c, "scale_rewards", "group") == "batch" and self.dist.enabled:  # the batch std spans every process's rewards
+        elif getattr(c, "scale_rewards", "group") == "batch" and self.dist.enabled:  # the std of every process's
             everything = group_advantages(self._gather(rewards.to(t.device)).cpu(), k, "batch")
             n = len(rewards)
             adv = type(everything)(*(x[self.dist.rank * n:(self.dist.rank + 1) * n] for x in everything))
