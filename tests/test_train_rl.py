@@ -4,6 +4,7 @@ seeded sampling, and TRL's options it does not support refused by name."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
@@ -13,7 +14,17 @@ import torch
 pytest.importorskip("transformers")
 
 import transformers  # noqa: E402
-from test_train import REPO, _weights, model_dir, pair_rows, run, tiny_config, tokenizer_dir, write_jsonl  # noqa: E402
+from test_train import (  # noqa: E402
+    REPO,
+    _weights,
+    model_dir,
+    pair_rows,
+    pairs_file,  # noqa: F401 (a fixture)
+    run,
+    tiny_config,
+    tokenizer_dir,
+    write_jsonl,
+)
 
 from fastpref.train import loop  # noqa: E402
 from fastpref.train.config import parse_config  # noqa: E402
@@ -322,3 +333,14 @@ def test_no_tokens_by_vocab_tensor_for_policy_old_policy_or_reference(tmp_path, 
         assert log.largest() < n_by_v // 3
     finally:
         trainer.run.release()
+
+
+def test_grpo_sft_warmup_on_preference_data(tmp_path, pairs_file):
+    """On preference rows the prompts are sampled once each, and --sft_warmup_steps first fine-tunes the policy on
+    the chosen responses (the start of the RL stage and its reference)."""
+    summary, out = run("grpo", tmp_path, pairs_file, max_steps=1, sft_warmup_steps=2, beta=0.04,
+                       **{**RL, "eval_steps": None})
+    assert (out / "sft-warmup" / "warmup.json").exists()
+    assert summary["model"] == str(out / "sft-warmup") and summary["reference"] == {"kind": "live"}
+    train_config = json.loads((out / "train_config.json").read_text())
+    assert train_config["sft_warmup_steps"] == 0
