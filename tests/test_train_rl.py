@@ -1,6 +1,7 @@
-"""`fastpref train grpo` end to end on the tiny offline model: rollouts, rewards (functions and a reward model),
-TRL's metric names, the held-out reward evaluation, checkpoints that load with from_pretrained, exact resume,
-seeded sampling, and TRL's options it does not support refused by name."""
+"""`fastpref train grpo | rloo | raft` end to end on the tiny offline model: rollouts, rewards (functions and a
+reward model), TRL's metric names, the held-out reward evaluation, checkpoints that load with from_pretrained,
+exact resume, seeded sampling with the KV cache, no tokens x vocab tensor, and TRL's options it does not support
+refused by name."""
 
 from __future__ import annotations
 

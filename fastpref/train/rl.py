@@ -204,8 +204,10 @@ class PolicyModule(TaskModule):
             return loss, values
         entropy_mask = None
         if c.top_entropy_quantile < 1.0:
-            # the quantile of this micro-batch's tokens on this process (TRL: of every process's micro-batch)
-            entropy_mask = high_entropy_mask(entropies.detach(), mask, 1 - c.top_entropy_quantile)
+            local = entropies.detach()[mask.bool()].float()
+            gather = batch.get("gather")  # the quantile of every process's micro-batch tokens, as TRL's
+            entropy_mask = high_entropy_mask(entropies.detach(), mask, 1 - c.top_entropy_quantile,
+                                             gather(local) if gather is not None else None)
         out = policy_loss(
             logps, batch.get("old_logps"), batch["advantages"], mask, loss_type=c.loss_type,
             ref_logps=batch.get("ref_logps"), beta=c.beta, epsilon=c.epsilon, epsilon_high=c.epsilon_high,
@@ -341,6 +343,20 @@ class RLStage:
         columns = {name: [ex.columns.get(name) for ex in examples for _ in range(k)] for name in names}
         return self.rewards.score(prompts, completions, columns)
 
+    def _gather_ragged(self, x: torch.Tensor) -> torch.Tensor:
+        """Every process's 1-D `x` (lengths may differ), concatenated in rank order."""
+        import torch.distributed as tdist
+
+        length = torch.tensor([x.numel()], device=self.trainer.device)
+        lengths = [torch.empty_like(length) for _ in range(self.dist.world)]
+        tdist.all_gather(lengths, length)
+        longest = int(max(n.item() for n in lengths))
+        padded = torch.zeros(longest, dtype=x.dtype, device=self.trainer.device)
+        padded[: x.numel()] = x
+        parts = [torch.empty_like(padded) for _ in range(self.dist.world)]
+        tdist.all_gather(parts, padded)
+        return torch.cat([part[: int(n.item())] for part, n in zip(parts, lengths)])
+
     def _gather(self, x: torch.Tensor) -> torch.Tensor:
         """Every process's equal-shaped `x`, concatenated in rank order."""
         if not self.dist.enabled:
@@ -471,6 +487,8 @@ class RLStage:
             s = slice(i * per, (i + 1) * per)
             batch = {k: rollouts[k][s] for k in keys if k in rollouts}
             batch.update(num_items=rollouts["num_items"], accumulation=steps)
+            if dist.enabled and getattr(c, "top_entropy_quantile", 1.0) < 1.0:
+                batch["gather"] = self._gather_ragged
             last = i == steps - 1
             sync = contextlib.nullcontext() if last or not hasattr(t.wrapped, "no_sync") else t.wrapped.no_sync()
             with sync:
