@@ -114,6 +114,8 @@ def test_grpo_resume_is_exact(tmp_path, prompts_file, monkeypatch, loss_type, nu
     (["--num_iterations", "2", "--save_steps", "3"], "--save_steps"),
     (["--top_p", "0"], "--top_p"),
     (["--fsdp"], "--fsdp"),
+    (["--use_peft", "--sft_warmup_steps", "3"], "--sft_warmup_steps"),
+    (["--use_peft", "--beta", "0.1"], "--use_peft"),
 ])
 def test_grpo_refusals_name_the_option(argv, message):
     with pytest.raises(ValueError, match=message.replace("-", r"\-")):

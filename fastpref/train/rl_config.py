@@ -209,6 +209,8 @@ def validate_rl(config: RLConfig) -> None:
                          "samples the next batch exactly")
     if config.fsdp:
         raise ValueError("--fsdp is not supported by `fastpref train grpo` yet (use DDP: torchrun without --fsdp)")
+    if config.use_peft and config.sft_warmup_steps:
+        raise ValueError("--sft_warmup_steps with --use_peft is not supported by fastpref train")
     if config.use_peft and getattr(config, "beta", 0.0):
         raise ValueError("--use_peft with --beta > 0 is not supported by `fastpref train grpo` yet")
 
