@@ -24,14 +24,14 @@ TASKS = {
     "sft": "supervised fine-tuning on completions (prompt masked)",
     "dpo": "preference optimisation: DPO family (--loss_type), SimPO / CPO / ORPO, RRHF / PRO (--loss)",
     "reward": "Bradley-Terry reward model (scalar head, fastpref.bt_loss); `rm` is an alias",
+    "grpo": "RL against a reward model / reward functions: GRPO and its loss types (--loss_type dapo, grpo, ...)",
+    "rloo": "RL with REINFORCE leave-one-out baselines (TRL's RLOOTrainer)",
+    "raft": "reward-ranked fine-tuning: sample, keep each prompt's best completion by reward, SFT on it",
 }
 
 
 # TRL trainers `fastpref train` does not run, and what to use instead
-UNSUPPORTED_TASKS = {
-    name: f"; for {name.upper()} use TRL's {trainer} with fastpref.integrations.trl.patch(trainer)"
-    for name, trainer in (("kto", "KTOTrainer"), ("grpo", "GRPOTrainer"), ("rloo", "RLOOTrainer"))
-}
+UNSUPPORTED_TASKS = {"kto": "; for KTO use TRL's KTOTrainer with fastpref.integrations.trl.patch(trainer)"}
 
 
 def version() -> str:
@@ -210,11 +210,16 @@ def _print_summary(summary: dict) -> None:
             continue
         shown = []
         for key, label in (("loss", "loss"), ("rewards/accuracies", "reward accuracy"),
-                           ("rewards/margins", "margin"), ("mean_token_accuracy", "token accuracy")):
+                           ("rewards/margins", "margin"), ("mean_token_accuracy", "token accuracy"),
+                           ("reward", "mean reward"), ("kl", "kl")):
             value = summary.get(prefix + key)
             if value is not None:
                 shown.append(f"{label} {value:.3f}")
         lines.append(f"  {split} ({n} examples): " + ", ".join(shown))
+    if "eval_reward_start" in summary:  # the RL stage
+        lines.append(f"  held-out mean reward {summary['eval_reward_start']:.3f} at step 0 -> "
+                     f"{summary['eval_reward_end']:.3f} (step-to-step noise {summary['eval_reward_step_noise']:.3f})"
+                     + (f", kl {summary['eval_kl']:.4f}" if summary.get("eval_kl") is not None else ""))
     print("\n".join(lines))
 
 

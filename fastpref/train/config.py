@@ -277,6 +277,13 @@ CONFIGS: dict[str, type[TrainConfig]] = {"sft": SFTConfig, "dpo": DPOConfig, "re
 TASK_ALIASES = {"rm": "reward"}  # fastpref's older name for TRL's `reward`
 
 
+# The embedded RL demo (tiny-llama): SFT warm-up, then GRPO against the default reward model (rl_config).
+RL_PRESET = dict(
+    sft_warmup_steps=20, sft_warmup_learning_rate=1e-3, learning_rate=5e-5, max_steps=30, num_generations=8,
+    per_device_train_batch_size=16, max_completion_length=16, beta=0.04, eval_steps=5, max_prompt_length=64,
+    max_length=96, warmup_ratio=0.0, lr_scheduler_type="constant", max_eval_samples=16, temperature=1.0,
+)
+
 # Presets: defaults that make an embedded model train in minutes; explicit options win. "demo" holds what only the
 # demo run itself gets (is_demo): a run on the user's data or in the user's folder keeps checkpoints and refuses to
 # overwrite a used folder, as `--help` says.
@@ -298,6 +305,9 @@ PRESET_DEFAULTS: dict[str, dict[str, dict]] = {
         # (0.38-0.47 vs 0.64 without), so it is off; `--sft_warmup_steps N` turns it on.
         "dpo": dict(precompute_ref_log_probs=True, eval_steps=20),
         "reward": dict(learning_rate=5e-4),
+        "grpo": dict(RL_PRESET),
+        "rloo": dict(RL_PRESET),
+        "raft": {k: v for k, v in RL_PRESET.items() if k != "beta"},
     },
     "smollm2-135m": {
         "*": dict(
@@ -721,7 +731,8 @@ def validate(config: TrainConfig) -> None:
         value = getattr(config, name)
         if not _matches(value, hint):
             raise TypeError(f"--{name} must be {_describe(hint)}, got {value!r}")
-    for name, bounds in _RANGES.items():
+    ranges = {**_RANGES, **(RL_RANGES if isinstance(config, RLConfig) else {})}  # RL's beta may be 0
+    for name, bounds in ranges.items():
         value = getattr(config, name, None)
         if value is not None:
             _check_range(name, value, *bounds)
@@ -764,6 +775,8 @@ def validate(config: TrainConfig) -> None:
         )
     if isinstance(config, DPOConfig):
         _validate_dpo(config)
+    if isinstance(config, RLConfig):
+        validate_rl(config)
     check_conflicts(config)
 
 
@@ -839,3 +852,8 @@ def resume_changes(saved: dict, config: TrainConfig, worlds: tuple[int, int] = (
             f"{listed}. Resume with the checkpoint's values, or start a new run (another --output_dir)"
         )
     return changed
+
+
+from fastpref.train.rl_config import RL_RANGES, GRPOConfig, RAFTConfig, RLConfig, RLOOConfig, validate_rl  # noqa: E402,I001
+
+CONFIGS.update(grpo=GRPOConfig, rloo=RLOOConfig, raft=RAFTConfig)  # the RL stage (fastpref.train.rl)

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from fastpref.train import checkpoint, distributed, metrics, model_card, modeling, report, run_dir
+from fastpref.train import checkpoint, distributed, metrics, model_card, modeling, report, rl, run_dir
 from fastpref.train.config import LISTWISE_LOSSES, DPOConfig, SFTConfig, TrainConfig, shown
 from fastpref.train.data import Splits, StepSampler, build_splits, check_dataset_exists, collate, eval_batches
 from fastpref.train.reference import ReferenceModule
@@ -195,7 +195,8 @@ class Trainer:
             modeling.disable_dropout(model)
         if self.task != "reward":
             modeling.head_of(model)  # a clear error now for a model without a usable LM head
-        self.splits: Splits = build_splits(c, self.tokenizer, self.task, self.listwise)
+        self.splits: Splits = (rl.build_prompt_splits(c, self.tokenizer) if self.task in rl.RL_TASKS
+                               else build_splits(c, self.tokenizer, self.task, self.listwise))
         if c.dataset_name == "hhh":
             log.info(HHH_NOTICE)
         for note in self.splits.notes:
@@ -219,7 +220,8 @@ class Trainer:
                 model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             model.config.use_cache = False
         self.model = model
-        self.module = modeling.MODULES[self.task](model.get_base_model() if c.use_peft else model, c)
+        module_cls = rl.PolicyModule if self.task in rl.RL_TASKS else modeling.MODULES[self.task]
+        self.module = module_cls(model.get_base_model() if c.use_peft else model, c)
         self.module.train()
         self.wrapped = self._place(self.module, loaded.model)
 
@@ -243,8 +245,9 @@ class Trainer:
             _param_groups(self.module, c.weight_decay), lr=c.learning_rate, betas=(c.adam_beta1, c.adam_beta2),
             eps=c.adam_epsilon,
         )
-        self.sampler = StepSampler(len(self.splits.train), c.per_device_train_batch_size, dist.world,
-                                   c.gradient_accumulation_steps, c.seed)
+        self.rl = rl.RLStage(self) if self.task in rl.RL_TASKS else None  # rollouts, rewards, reference
+        self.sampler = self.rl.sampler if self.rl else StepSampler(
+            len(self.splits.train), c.per_device_train_batch_size, dist.world, c.gradient_accumulation_steps, c.seed)
         spe = self.sampler.steps_per_epoch
         self.total_steps = c.max_steps if c.max_steps > 0 else max(1, math.ceil(c.num_train_epochs * spe))
         ratio = c.warmup_steps if 0 < c.warmup_steps < 1 else c.warmup_ratio  # warmup_steps < 1: a ratio (TRL)
@@ -332,7 +335,7 @@ class Trainer:
     def head_memory_report(self) -> dict | None:
         """Peak memory of the loss head alone (forward + backward) on one training batch, beside the
         textbook head's N x V logits + fp32 log_softmax computed from the same shapes."""
-        if self.task == "reward" or self.fsdp:
+        if self.task == "reward" or self.fsdp or self.rl:
             return None
         examples = self.splits.train
         indices = self.sampler.micro_batches(0, 0)[0]
@@ -380,6 +383,8 @@ class Trainer:
     @torch.no_grad()
     def evaluate(self, split: str = "eval") -> dict[str, float]:
         # the end-of-run pass over the training split is capped: it reports, it does not train
+        if self.rl:
+            return self.rl.evaluate(split)
         examples = self.splits.eval if split == "eval" else self.splits.train[:MAX_TRAIN_EVAL]
         if not examples:
             return {}
@@ -462,6 +467,8 @@ class Trainer:
         whole accumulated batch on every rank, as transformers' `num_items_in_batch`: for SFT, batch 2 x
         accumulation 2 then optimises what batch 4 x 1 does, the mean over all the step's tokens."""
         c, dist = self.config, self.dist
+        if self.rl:
+            return self.rl.step()
         acc = metrics.Accumulator()
         micro_batches = [self._batch(self.splits.train, indices, "train")
                          for indices in self.sampler.micro_batches(self.global_step, dist.rank)]
@@ -533,6 +540,10 @@ class Trainer:
             report = self.head_memory_report()
             if report:
                 self.summary["head_memory"] = report
+        if self.rl and c.eval_steps and self.global_step == 0 and self.splits.eval:  # the reward before training
+            row = {"step": 0, "epoch": 0.0} | self.evaluate()
+            self.metrics_log.write(row)
+            _log_eval(row)
         window = metrics.Accumulator()
         throughput = metrics.Throughput()
         window_norms, skips_in_row, skipped_total = [], 0, 0
@@ -605,6 +616,8 @@ class Trainer:
         self._save_final(self._card({**self.last_logged, **final, **train_eval}, "final model"))
         summary.update(final)
         summary.update(train_eval)
+        if self.rl and dist.main:
+            summary.update(rl.reward_curve_summary(metrics.read_jsonl(self.run_dir / "metrics.jsonl")))
         summary["train_seconds"] = round(self.train_seconds, 1)
         summary["steps"] = self.global_step
         self.metrics_log.close()
@@ -653,7 +666,8 @@ def _postfix(values: dict) -> dict:
 def _log_eval(row: dict) -> None:
     parts = [f"{k.removeprefix('eval_')} {v:.4f}" for k, v in row.items()
              if k.startswith("eval_") and k != "eval_samples" and isinstance(v, float)
-             and k in ("eval_loss", "eval_rewards/accuracies", "eval_rewards/margins", "eval_mean_token_accuracy")]
+             and k in ("eval_loss", "eval_rewards/accuracies", "eval_rewards/margins", "eval_mean_token_accuracy",
+                       "eval_reward", "eval_reward_sem", "eval_kl")]
     log.info("step %d held-out (%s examples): %s", row["step"], row.get("eval_samples"), ", ".join(parts))
 
 
@@ -683,7 +697,9 @@ def train(config: TrainConfig) -> dict:
                                                       for name, (default, value) in applied.items()), config.task)
     run = start(config, dist)
     try:
-        if isinstance(config, DPOConfig) and config.sft_warmup_steps > 0:
+        if config.task in rl.RL_TASKS:
+            config = rl.starting_policy(config)
+        if getattr(config, "sft_warmup_steps", 0) > 0:  # dpo, grpo
             config = _sft_warmup(config, dist)
         return Trainer(config, run).fit()
     finally:

@@ -219,6 +219,9 @@ PLOTTED = (
     "mean_token_accuracy",
     "grad_norm",
     "learning_rate",
+    "reward",  # the RL stage (fastpref.train.rl)
+    "kl",
+    "completions/mean_length",
 )
 
 

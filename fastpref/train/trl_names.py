@@ -45,6 +45,30 @@ HINTS = {
 }
 
 TASK_DEFAULTS = {"sft": {"loss_type": "nll"}}  # TRL names that are fastpref fields of another task only
+# GRPOConfig names fastpref train grpo does not implement: accepted at TRL 1.16's default, refused otherwise
+TASK_DEFAULTS["grpo"] = {
+    "use_vllm": False, "vllm_mode": "colocate", "vllm_model_impl": "vllm", "vllm_server_base_url": None,
+    "vllm_server_host": "0.0.0.0", "vllm_server_port": 8000, "vllm_server_timeout": 240.0,
+    "vllm_gpu_memory_utilization": 0.3, "vllm_tensor_parallel_size": 1, "vllm_enable_sleep_mode": False,
+    "vllm_importance_sampling_correction": True, "vllm_importance_sampling_mode": "sequence_mask",
+    "vllm_importance_sampling_clip_max": 3.0, "vllm_importance_sampling_clip_min": None,
+    "use_transformers_paged": False, "use_transformers_continuous_batching": False,
+    "generation_batch_size": None, "steps_per_generation": None, "num_generations_eval": None, "min_p": None,
+    "repetition_penalty": 1.0, "generation_kwargs": None, "chat_template_kwargs": None, "cache_implementation": None,
+    "use_adaptive_entropy": False, "entropy_target": 0.2, "entropy_coef_min": 0.0, "entropy_coef_max": 1.0,
+    "entropy_coef_delta": 0.005, "off_policy_mask_threshold": None, "multi_objective_aggregation":
+    "sum_then_normalize", "log_completions": False, "num_completions_to_print": None, "log_unique_prompts": False,
+    "vllm_structured_outputs_regex": None, "vllm_group_port": 51216, "vllm_max_model_length": None,
+    "transformers_continuous_batching_config": None, "vllm_importance_sampling_cap": None,
+    "max_tool_calling_iterations": None, "cast_lm_head_to_fp32": False, "ds3_gather_for_generation": True,
+    "shuffle_dataset": True, "log_multimodal": True, "log_completions_hub_repo": None,
+}
+TASK_DEFAULTS["raft"] = TASK_DEFAULTS["grpo"]  # RAFT is no TRL trainer: GRPOConfig's sampling names
+TASK_DEFAULTS["rloo"] = {k: v for k, v in TASK_DEFAULTS["grpo"].items() if k not in (
+    "cast_lm_head_to_fp32", "use_adaptive_entropy", "entropy_target", "entropy_coef_min", "entropy_coef_max",
+    "entropy_coef_delta", "off_policy_mask_threshold", "multi_objective_aggregation", "max_tool_calling_iterations",
+    "vllm_importance_sampling_correction", "vllm_importance_sampling_mode", "vllm_importance_sampling_clip_max",
+    "vllm_importance_sampling_clip_min", "log_completions_hub_repo", "vllm_importance_sampling_cap")}
 
 TRL_DEFAULTS = {
     'accelerator_config': None,
