@@ -69,11 +69,11 @@ def test_every_option_the_readme_names_exists():
     known = set()
     for argv in [("train", task) for task in TASKS] + [("score",), ("bench",), ()]:
         known |= set(re.findall(r"--[a-z][a-z0-9_]*", help_text(*argv)))
-    from fastpref.train.trl_names import NO_EFFECT, TRANSLATED  # TRL's names fastpref translates or accepts
-
-    known |= {f"--{name}" for name in (*TRANSLATED, *NO_EFFECT)}
+    from fastpref.train.trl_names import NO_EFFECT, TASK_DEFAULTS, TRANSLATED  # TRL's names fastpref translates,
+    # accepts without effect, or accepts only at TRL's default (refusing other values by name)
+    known |= {f"--{name}" for name in (*TRANSLATED, *NO_EFFECT, *(n for d in TASK_DEFAULTS.values() for n in d))}
     named = set(re.findall(r"(?<![\w-])--[a-z][a-z0-9_]*(?![\w-])", README))
-    not_ours = {"--nproc_per_node"}  # torchrun's
+    not_ours = {"--nproc_per_node", "--dist"}  # torchrun's, pytest-xdist's
     assert sorted(named - known - not_ours) == []
 
 
