@@ -19,7 +19,7 @@ from fastpref import cli  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 README = (REPO / "README.md").read_text()
-TASKS = ("sft", "dpo", "reward")
+TASKS = tuple(cli.TASKS)  # every task fastpref train runs
 BEGIN, END = "<!-- options table: begin -->", "<!-- options table: end -->"
 
 
@@ -52,7 +52,7 @@ def help_options(text: str) -> dict[str, str]:
 def expected_table() -> str:
     defaults = {task: help_options(help_text("train", task)) for task in TASKS}
     names = list(dict.fromkeys(name for task in TASKS for name in defaults[task]))
-    rows = ["| option | sft | dpo | reward |", "|---|---|---|---|"]
+    rows = [f"| option | {' | '.join(TASKS)} |", "|---" * (len(TASKS) + 1) + "|"]
     for name in names:
         cells = [f"`{defaults[task][name]}`" if name in defaults[task] else "—" for task in TASKS]
         rows.append(f"| `{name}` | {' | '.join(cells)} |")
