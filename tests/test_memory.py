@@ -4,6 +4,7 @@ path allocates nothing of N x V fp32 elements besides the gradient it returns.""
 
 import pytest
 import torch
+from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import fastpref
@@ -16,6 +17,7 @@ TILE_BYTES = 1 << 20  # tiles of 256k fp32 elements, an eighth of N x V
 @pytest.fixture(autouse=True)
 def _small_tiles(monkeypatch):
     monkeypatch.setattr(torch_chunked, "TILE_BYTES", TILE_BYTES)
+    monkeypatch.setattr(torch_chunked, "LINEAR_TILE_BYTES", TILE_BYTES)
 
 
 class AllocationLog(TorchDispatchMode):
@@ -48,6 +50,57 @@ class AllocationLog(TorchDispatchMode):
     def largest(self, dtype=None):
         sizes = [numel for _, numel, dt in self.outputs if dtype is None or dt == dtype]
         return max(sizes, default=0)
+
+
+class PeakLog(AllocationLog):
+    """The allocation log, plus the high-water mark of the bytes alive at once: each allocated storage
+    (counted once, however many ops return it) stays alive until its last tensor is gone."""
+
+    def __init__(self):
+        super().__init__()
+        self.alive = {}  # storage id -> (weak reference, bytes)
+        self.peak = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        seen = len(self.outputs)
+        out = super().__torch_dispatch__(func, types, args, kwargs)
+        if len(self.outputs) > seen:
+            for t in out if isinstance(out, (tuple, list)) else (out,):
+                if isinstance(t, torch.Tensor):
+                    ref = StorageWeakRef(t.untyped_storage())
+                    self.alive.setdefault(ref.cdata, (ref, t.untyped_storage().nbytes()))
+        self.alive = {key: (ref, size) for key, (ref, size) in self.alive.items() if not ref.expired()}
+        self.peak = max(self.peak, sum(size for _, size in self.alive.values()))
+        return out
+
+
+def test_linear_path_peaks_within_32_mb_of_its_gradients(monkeypatch):
+    """bench/cpu_memory.py's shape (N = 4096, the first 25% of each sequence masked, V = 32768, fp32) at H = 128
+    (a quarter of its FLOPs; what the tiles hold does not depend on H) with the default tiles: forward + backward
+    hold at most the gradients + 32 MB at once (now +17 MB). Before: +97 MB (a 64 MB tile, the previous tile still alive
+    while the next one was computed, compact copies of h and dh)."""
+    monkeypatch.undo()  # the default tile sizes
+    torch.manual_seed(0)
+    hidden = torch.randn(8, 512, 128, requires_grad=True)
+    weight = (torch.randn(32768, 128) * 0.05).requires_grad_()
+    labels = torch.randint(0, 32768, (8, 512))
+    labels[:, :128] = -100
+    with PeakLog() as log:
+        fastpref.linear_sequence_logps(hidden, weight, labels).backward(torch.randn(8))
+    grads = (hidden.numel() + weight.numel()) * 4
+    assert log.peak >= grads  # the log sees the gradients
+    assert log.peak - grads <= 32 << 20, f"{(log.peak - grads) / 2**20:.0f} MB above the gradients"
+
+
+def test_peak_log_sees_the_textbook_logits():
+    """The peak log can fail: the textbook head holds its (N, V) logits and their softmax at once."""
+    hidden = torch.randn(N_SEQS, N_POS, HIDDEN, requires_grad=True)
+    weight = torch.randn(VOCAB, HIDDEN, requires_grad=True)
+    labels = torch.randint(0, VOCAB, (N_SEQS, N_POS))
+    with PeakLog() as log:
+        logits = hidden @ weight.T
+        torch.log_softmax(logits, -1).gather(-1, labels[..., None]).sum().backward()
+    assert log.peak >= 2 * N_SEQS * N_POS * VOCAB * 4
 
 
 def test_linear_path_never_holds_n_by_v():

@@ -10,9 +10,12 @@ and log Σp²). Backward walks the same tiles again and turns each
 into  dz = g · (onehot(y) − softmax(z)) · dz/draw,  which is written out (logits path) or
 multiplied into dh = dz·W and dW = dzᵀ·h (linear path).
 
-Memory: one fp32 tile of at most TILE_BYTES plus ~2 temporaries of its size; on the linear path also
-the compact hidden rows (n, H), an fp32 dh accumulator (n, H) and one vocab chunk's fp32 dW
-(cols, H). Nothing of size (N, V) except the logits gradient the logits path returns.
+Memory: one fp32 tile of at most TILE_BYTES plus ~2 temporaries of its size on the logits path. The
+linear path holds one tile of LINEAR_TILE_BYTES at a time (each is dropped before the next is
+computed; without a softcap or an entropy gradient all its updates are in place) and its hidden rows; the forward also the compact hidden rows
+(n, H); the backward, besides the gradients themselves, nothing else of note in fp32 (dh and dW are
+accumulated in place), and for half dtypes an fp32 dh accumulator (n, H) and one vocab chunk's fp32
+dW (cols, H). Nothing of size (N, V) except the logits gradient the logits path returns.
 FLOPs (linear path): forward 2·n·H·V, backward 6·n·H·V, n counting valid tokens only.
 The fused pass (`linear_rows_fused`) holds one (rows, V) tile and does 6·n·H·V in all.
 """
@@ -28,6 +31,7 @@ from fastpref.backends.rows import valid_rows
 from fastpref.params import HeadParams
 
 TILE_BYTES = 64 << 20  # fp32 bytes of one logits tile
+LINEAR_TILE_BYTES = 16 << 20  # the linear path's tile: its GEMMs run within 7% of a 64 MB tile's speed, in a CPU's L3
 VOCAB_CHUNK = 8192  # columns of one tile: keeps the GEMM's packed weight chunk small
 
 
@@ -42,10 +46,11 @@ def fused_bytes_per_logit(dtype: torch.dtype) -> int:
     return torch.finfo(dtype).bits // 8 + 3 * torch.finfo(compute_dtype(dtype)).bits // 8
 
 
-def rows_per_tile(n_cols: int, dtype: torch.dtype, params: HeadParams) -> int:
-    """How many rows of n_cols compute-dtype values fit in one tile (at least one)."""
+def rows_per_tile(n_cols: int, dtype: torch.dtype, params: HeadParams, default_bytes: int | None = None) -> int:
+    """How many rows of n_cols compute-dtype values fit in one tile (at least one): params.tile_bytes,
+    else default_bytes, else TILE_BYTES."""
     itemsize = torch.finfo(compute_dtype(dtype)).bits // 8
-    budget = TILE_BYTES if params.tile_bytes is None else params.tile_bytes
+    budget = params.tile_bytes if params.tile_bytes is not None else default_bytes or TILE_BYTES
     return max(1, budget // (n_cols * itemsize))
 
 
@@ -173,14 +178,14 @@ class _RowFold:
         )
 
 
-def _fold_forward(tile: Callable, y, n_cols, like, params, with_stats):
-    """Walk rows x cols tiles given by tile(r0, r1, c0, c1) -> raw tile in the compute dtype;
-    return compact logps (n,), lse (2, n) and stats (4, n) or None."""
+def _fold_forward(tile: Callable, y, n_cols, like, params, with_stats, tile_bytes=None):
+    """Walk rows x cols tiles given by tile(r0, r1, c0, c1) -> raw tile in the compute dtype, of
+    tile_bytes (None: TILE_BYTES) unless params say; return compact logps (n,), lse (2, n) and stats (4, n) or None."""
     n = y.numel()
     cols = min(n_cols, VOCAB_CHUNK)
     logps, lse = like.new_empty(n), like.new_empty(2, n)
     stats = like.new_empty(4, n) if with_stats else None
-    for r0, r1 in spans(n, rows_per_tile(cols, like.dtype, params)):
+    for r0, r1 in spans(n, rows_per_tile(cols, like.dtype, params, tile_bytes)):
         fold = _RowFold(n_cols, with_stats)
         for c0, c1 in spans(n_cols, cols):
             fold.add(_transform_(tile(r0, r1, c0, c1), params), y[r0:r1] - c0)
@@ -291,7 +296,8 @@ def linear_forward(hidden, weight, bias, labels, params: HeadParams, with_stats:
     def tile(r0, r1, c0, c1):
         return _linear_tile(h[r0:r1], weight, bias, c0, c1, cdt)
 
-    return scatter_outputs(labels, pos, *_fold_forward(tile, y, weight.shape[0], like, params, with_stats))
+    folded = _fold_forward(tile, y, weight.shape[0], like, params, with_stats, LINEAR_TILE_BYTES)
+    return scatter_outputs(labels, pos, *folded)
 
 
 def _rows(entropy, grad_entropy, r0, r1):
@@ -305,37 +311,48 @@ def linear_backward(
     """Gradients of Σ grad_logps·logps (+ Σ grad_entropy·entropy when given) w.r.t. (hidden, weight,
     bias); None where needs[i] is False.
 
-    Vocab chunks outermost, so one chunk's dW is accumulated in fp32 and written once.
+    Vocab chunks outermost, so one chunk's dW is accumulated in the compute dtype and written once.
+    Each row tile's hidden rows are gathered when it is computed; in the compute dtype its dh is added
+    straight into dh, in a half dtype into one compact compute-dtype accumulator (n, H) (rounding a
+    chunk's partial dh to half would bias it). Each tile is dropped before the next one is computed:
+    one tile alive at a time.
     """
     need_h, need_w, need_b = needs
     pos = valid_rows(labels, params.ignore_index, weight.shape[0])
-    y, h, lse = labels[pos], hidden[pos], lse[(slice(None), *pos)]
+    y, lse = labels[pos], lse[(slice(None), *pos)]
     cdt, dt = compute_dtype(hidden.dtype), hidden.dtype
     g = grad_logps[pos].to(cdt)
     ent, g_ent = _entropy_terms(pos, entropy, grad_entropy, cdt)
     n, (n_vocab, n_hidden) = y.numel(), weight.shape
     cols = min(n_vocab, VOCAB_CHUNK)
-    rows = rows_per_tile(cols, dt, params)
-    dh_acc = h.new_zeros(n, n_hidden, dtype=cdt) if need_h else None
+    rows = rows_per_tile(cols, dt, params, LINEAR_TILE_BYTES)
+    dh = torch.zeros_like(hidden) if need_h else None
+    dh_acc = None
+    if need_h and dt != cdt:
+        dh_acc = hidden.new_zeros(n, n_hidden, dtype=cdt)
     dw = torch.zeros_like(weight) if need_w else None
     db = torch.zeros_like(bias) if need_b else None
     for c0, c1 in spans(n_vocab, cols):
         # one vocab chunk's dW, accumulated in the compute dtype (in dW itself when it has that dtype)
-        dw_acc = (dw[c0:c1] if dw.dtype == cdt else h.new_zeros(c1 - c0, n_hidden, dtype=cdt)) if need_w else None
+        dw_acc = (dw[c0:c1] if dw.dtype == cdt else weight.new_zeros(c1 - c0, n_hidden, dtype=cdt)) if need_w else None
         for r0, r1 in spans(n, rows):
-            z = _transform_(_linear_tile(h[r0:r1], weight, bias, c0, c1, cdt), params)
+            row_pos = tuple(p[r0:r1] for p in pos)
+            h_rows = hidden[row_pos]
+            z = _transform_(_linear_tile(h_rows, weight, bias, c0, c1, cdt), params)
             dz = _softmax_grad_(z, y[r0:r1] - c0, lse[:, r0:r1], g[r0:r1], params, *_rows(ent, g_ent, r0, r1))
-            if need_h:
-                accumulate_matmul_(dh_acc[r0:r1], dz.to(dt), weight[c0:c1])  # dh = dz · W
+            del z
+            if need_h and dh_acc is None:
+                dh.index_put_(row_pos, dz @ weight[c0:c1], accumulate=True)  # dh = dz · W
+            elif need_h:
+                accumulate_matmul_(dh_acc[r0:r1], dz.to(dt), weight[c0:c1])
             if need_w:
-                accumulate_matmul_(dw_acc, dz.T.to(dt), h[r0:r1])  # dW = dzᵀ · h
+                accumulate_matmul_(dw_acc, dz.T.to(dt), h_rows)  # dW = dzᵀ · h
             if need_b:
                 db[c0:c1] += dz.sum(0).to(db.dtype)  # db = Σ_rows dz
+            del dz, h_rows
         if need_w and dw_acc.dtype != dw.dtype:
             dw[c0:c1] = dw_acc
-    dh = None
-    if need_h:
-        dh = torch.zeros_like(hidden)
+    if dh_acc is not None:
         dh[pos] = dh_acc.to(dt)
     return dh, dw, db
 
