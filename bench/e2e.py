@@ -60,7 +60,8 @@ class Workload:
 
 
 WORKLOADS = {
-    "tiny": Workload("tiny", hidden=128, intermediate=384, vocab=None, prompt_tokens=64, completion_tokens=127, batch=8),
+    "tiny": Workload("tiny", hidden=128, intermediate=384, vocab=None, prompt_tokens=64, completion_tokens=127,
+                     batch=8),
     "head": Workload("head", hidden=256, intermediate=768, vocab=128256, prompt_tokens=128, completion_tokens=383,
                      batch=2),
 }
@@ -117,10 +118,18 @@ def prepare(workload: Workload, task: str, folder: Path) -> tuple[Path, Path]:
 
 
 class StepClock:
-    """(wall, CPU) time of every optimizer.step() of any optimizer in this process, from torch's global hook."""
+    """(wall, CPU) time of every optimizer.step() of any optimizer in this process while it is entered, from
+    torch's global optimizer hook."""
 
     def __init__(self):
         self.marks: list[tuple[float, float]] = []
+
+    def __enter__(self):
+        self.handle = register_optimizer_step_post_hook(self._mark)
+        return self
+
+    def __exit__(self, *_):
+        self.handle.remove()
 
     def _mark(self, *_):
         self.marks.append((time.perf_counter(), time.process_time()))
