@@ -150,6 +150,18 @@ def test_token_stats(backend, head):
             assert_close(got, want[name], rtol=1e-5, atol=1e-5, name=name)
 
 
+def test_is_top1_is_the_first_maximum_across_vocab_chunks(backend):
+    """Tied maxima in two vocab chunks (columns 10 and 300: chunks of 256 with small tiles): the target is the
+    top-1 only at the first, as torch.argmax; a target in a later chunk below a tie is not."""
+    logits = logits_like((4, 1, 600), torch.float32).detach()
+    logits[:, :, [10, 300]] = 50.0
+    logits[3, :, 500] = 60.0  # a later chunk's strictly greater maximum
+    labels = torch.tensor([[10], [300], [20], [500]])
+    _, stats = fastpref.token_logps(logits, labels, return_stats=True)
+    assert stats.is_top1.squeeze(1).tolist() == [True, False, False, True]
+    assert torch.equal(stats.is_top1, logits.argmax(-1) == labels)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("reduction", ["sum", "mean"])
 def test_sequence_logps(backend, dtype, reduction):

@@ -122,6 +122,23 @@ def test_linear_path_never_holds_n_by_v():
     assert textbook.largest() >= n_by_v
 
 
+def test_statistics_cost_one_tile_sized_temporary_per_tile():
+    """The forward with statistics (entropy, top-1, mean logit, log Σp²) allocates, per logits tile, the tile and
+    one temporary of its size (the probabilities); before: six more (a column mask and a masked copy for the top-1,
+    2z for log Σp², p·z, a p > 0 mask and a masked copy for the entropy), which made it 3x the plain forward's time
+    on a CPU (now 1.9x)."""
+    hidden = torch.randn(N_SEQS, N_POS, HIDDEN)
+    weight = torch.randn(VOCAB, HIDDEN)
+    labels = torch.randint(0, VOCAB, (N_SEQS, N_POS))
+    tile = TILE_BYTES // 4
+    with AllocationLog() as log:
+        fastpref.linear_token_logps(hidden, weight, labels, return_stats=True)
+    n_tiles = N_SEQS * N_POS * VOCAB // tile
+    tile_sized = [op for op, numel, _ in log.outputs if numel >= tile]
+    assert tile_sized.count("aten.mm.default") + tile_sized.count("aten.matmul.default") == n_tiles
+    assert len(tile_sized) <= 2 * n_tiles, sorted(set(tile_sized))
+
+
 def test_logits_path_allocates_only_the_gradient():
     logits = torch.randn(N_SEQS, N_POS, VOCAB, dtype=torch.bfloat16, requires_grad=True)
     labels = torch.randint(0, VOCAB, (N_SEQS, N_POS))

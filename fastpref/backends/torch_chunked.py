@@ -107,6 +107,11 @@ def _share(log_part: torch.Tensor, log_total: torch.Tensor) -> torch.Tensor:
     return torch.where(log_total > float("-inf"), torch.exp(log_part - log_total), 0.0)
 
 
+def _row_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """(r, c), (r, c) -> (r,): Σ_j a_ij·b_ij as r batched GEMVs, without an (r, c) product."""
+    return torch.bmm(a[:, None, :], b[:, :, None]).view(-1)
+
+
 class _RowFold:
     """Running log-sum-exp (and optional statistics) of r rows seen one vocab chunk at a time.
 
@@ -125,18 +130,23 @@ class _RowFold:
         picked = z.gather(1, y_local.clamp(0, z.shape[1] - 1)[:, None]).squeeze(1)
         # A chunk that is −inf throughout (a constrained-decoding mask) is empty: its max is clamped
         # to the lowest finite value, so that every shift below stays finite and its sum is 0.
-        chunk_max = z.amax(1).clamp_(min=torch.finfo(z.dtype).min)
+        lowest = torch.finfo(z.dtype).min
         if self.with_stats:
+            chunk_max, chunk_argmax = z.max(1)  # the first maximum's column, as torch.argmax
+            chunk_max = chunk_max.clamp_(min=lowest)
+            top_here = chunk_argmax == y_local  # the chunk's first maximum is the target
             chunk_z_sum = z.sum(1)
-            columns = torch.arange(z.shape[1], device=z.device)
-            chunk_max_before = torch.where(columns < y_local[:, None], z, float("-inf")).amax(1)
+        else:
+            chunk_max = z.amax(1).clamp_(min=lowest)
         shifted = z.sub_(chunk_max[:, None])
         if self.with_stats:
-            chunk_log_sum2 = torch.logsumexp(2 * shifted, dim=1)  # log Σ exp(2(z − max))
             exp = shifted.exp()
             chunk_sum = exp.sum(1)
-            # Σ softmax·(z − max) over the chunk; −inf columns (p = 0) add nothing, an empty chunk 0
-            p_dot_z = torch.where(exp > 0, exp * shifted, 0.0).sum(1)
+            # row-wise dot products (batched GEMVs): no tile-sized temporary
+            chunk_log_sum2 = _row_dot(exp, exp).log()  # log Σ exp(2(z − max))
+            # Σ softmax·(z − max) over the chunk; −inf columns (p = 0) add nothing (clamped: 0 · −inf is nan),
+            # an empty chunk 0
+            p_dot_z = _row_dot(exp, shifted.clamp_(min=lowest))
             chunk_p_dot_z = torch.where(chunk_sum > 0, p_dot_z / chunk_sum, 0.0)
         else:
             chunk_sum = shifted.exp_().sum(1)
@@ -146,7 +156,7 @@ class _RowFold:
             self.target = torch.where(hit, picked, 0.0)
             if self.with_stats:
                 self.p_dot_z, self.log_sum2, self.z_sum = chunk_p_dot_z, chunk_log_sum2, chunk_z_sum
-                self.max_before = chunk_max_before
+                self.top_is_target = top_here
             return
         self.target = torch.where(hit, picked, self.target)
         new_max = torch.maximum(self.max, chunk_max)
@@ -159,7 +169,8 @@ class _RowFold:
             )
             self.log_sum2 = torch.logaddexp(self.log_sum2 + 2 * old_shift, chunk_log_sum2 + 2 * chunk_shift)
             self.z_sum = self.z_sum + chunk_z_sum
-            self.max_before = torch.maximum(self.max_before, chunk_max_before)
+            # a later chunk's maximum is the first maximum only when strictly greater
+            self.top_is_target = torch.where(chunk_max > self.max, top_here, self.top_is_target)
         self.max, self.log_sum = new_max, new_log_sum
 
     def logps(self) -> torch.Tensor:
@@ -171,7 +182,7 @@ class _RowFold:
         return torch.stack(
             [
                 self.log_sum - self.p_dot_z,
-                ((self.target >= self.max) & (self.target > self.max_before)).to(self.max.dtype),
+                (self.top_is_target & (self.target >= self.max)).to(self.max.dtype),
                 self.z_sum / self.n_cols,
                 self.log_sum2 - 2 * self.log_sum,
             ]
