@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
+import importlib.util
 import json
 import os
 import statistics
@@ -299,13 +300,17 @@ def main(argv=None) -> int:
         return 0
     from fastpref.bench import machine, peers
 
+    contenders, notes = list(args.contenders), []
+    if importlib.util.find_spec("trl") is None and any(c.startswith("trl") for c in contenders):
+        contenders = [c for c in contenders if not c.startswith("trl")]
+        notes.append("- skipped: trl-patched, trl-stock (trl is not installed)")
     runs: dict[tuple, list[dict]] = {}
     with tempfile.TemporaryDirectory() as folder:
         plan = []
         for workload in workloads:
             for task in args.tasks:
                 model_dir, data = prepare(workload, task, Path(folder))
-                plan += [(task, contender, workload, model_dir, data) for contender in args.contenders]
+                plan += [(task, contender, workload, model_dir, data) for contender in contenders]
         for round_index in range(args.rounds):
             for task, contender, workload, model_dir, data in plan:
                 out = Path(folder) / "record.json"
@@ -330,7 +335,7 @@ def main(argv=None) -> int:
             f.write(json.dumps(row) + "\n")
     memory = "peak max_memory_allocated" if device.type == "cuda" else "peak RSS"
     table = markdown(rows, memory, "median_step_s" if device.type == "cuda" else "median_step_cpu_s")
-    notes = "\n".join(f"- differs: {d}" for d in DIFFERENCES)
+    notes = "\n".join([*(f"- differs: {d}" for d in DIFFERENCES), *notes])
     (args.out / "e2e.md").write_text(f"{table}\n\n{notes}\n")
     print(table)
     print(notes)
