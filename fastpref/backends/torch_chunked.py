@@ -41,8 +41,8 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def fused_bytes_per_logit(dtype: torch.dtype) -> int:
-    """Bytes the single pass holds per logit: the GEMM output in the input dtype plus three
-    compute-dtype tiles (z, and logsumexp's and the softmax's temporaries)."""
+    """Bytes the single pass may hold per logit, a bound: the GEMM output in the input dtype plus three
+    compute-dtype tiles (z cast from a half dtype, a softcap's slope, the half copy of the gradient)."""
     return torch.finfo(dtype).bits // 8 + 3 * torch.finfo(compute_dtype(dtype)).bits // 8
 
 
@@ -381,14 +381,25 @@ def linear_rows_fused(
     """
     cdt, dt = compute_dtype(h_rows.dtype), h_rows.dtype
     z = _transform_(_linear_tile(h_rows, weight, bias, 0, weight.shape[0], cdt), params)
+    slope = None  # dz'/draw per logit under a softcap, read from the transformed tile before it is overwritten
+    if params.softcap is not None:
+        slope = (z * (params.temperature / params.softcap)).square_().neg_().add_(1.0).mul_(_raw_slope(params))
     row_max = z.amax(1)
-    shifted = z - row_max[:, None]
-    log_sum = torch.logsumexp(shifted, dim=1)
-    logps = shifted.gather(1, y[:, None]).squeeze(1) - log_sum
-    log_sum_sq = torch.logsumexp(2 * shifted, dim=1) - 2 * log_sum if with_log_sum_sq else None
-    del shifted
+    picked = z.gather(1, y[:, None]).squeeze(1) - row_max
+    # the tile becomes exp(z − max) in place, then the gradient: no second tile (the softmax is exp / Σ exp)
+    probs = z.sub_(row_max[:, None]).exp_()
+    total = probs.sum(1)
+    log_sum = total.log()
+    logps = picked - log_sum
+    log_sum_sq = _row_dot(probs, probs).log() - 2 * log_sum if with_log_sum_sq else None
     g = token_grads(logps, log_sum_sq).to(cdt)
-    dz = _softmax_grad_(z, y, torch.stack([row_max, log_sum]), g, params).to(dt)
+    dz = probs.mul_((-g / total)[:, None])  # dz' = g · (onehot(y) − p)
+    dz.scatter_add_(1, y[:, None], g[:, None])
+    if slope is not None:
+        dz.mul_(slope)
+    elif _raw_slope(params) != 1.0:
+        dz.mul_(_raw_slope(params))
+    dz = dz.to(dt)
     if dw_acc is not None:
         accumulate_matmul_(dw_acc, dz.T, h_rows)  # dW += dzᵀ · h
     if db_acc is not None:
