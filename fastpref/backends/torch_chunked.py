@@ -107,9 +107,16 @@ def _share(log_part: torch.Tensor, log_total: torch.Tensor) -> torch.Tensor:
     return torch.where(log_total > float("-inf"), torch.exp(log_part - log_total), 0.0)
 
 
+def _exact_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ b in the operands' dtype, also when a caller's autocast region would cast it to half (the ops run
+    inside the caller's autocast: the tiles' statistics and fp32 gradients must stay fp32)."""
+    with torch.autocast(a.device.type, enabled=False):
+        return a @ b
+
+
 def _row_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """(r, c), (r, c) -> (r,): Σ_j a_ij·b_ij as r batched GEMVs, without an (r, c) product."""
-    return torch.bmm(a[:, None, :], b[:, :, None]).view(-1)
+    return _exact_matmul(a[:, None, :], b[:, :, None]).view(-1)
 
 
 class _RowFold:
@@ -353,7 +360,7 @@ def linear_backward(
             dz = _softmax_grad_(z, y[r0:r1] - c0, lse[:, r0:r1], g[r0:r1], params, *_rows(ent, g_ent, r0, r1))
             del z
             if need_h and dh_acc is None:
-                dh.index_put_(row_pos, dz @ weight[c0:c1], accumulate=True)  # dh = dz · W
+                dh.index_put_(row_pos, _exact_matmul(dz, weight[c0:c1]), accumulate=True)  # dh = dz · W
             elif need_h:
                 accumulate_matmul_(dh_acc[r0:r1], dz.to(dt), weight[c0:c1])
             if need_w:
