@@ -251,8 +251,8 @@ def markdown(rows: list[dict], memory: str, time_key: str = "median_step_s") -> 
     return "\n".join(lines)
 
 
-def plot(rows: list[dict], path: Path, title: str) -> None:
-    """Seconds per step and peak memory, one group of bars per (task, workload)."""
+def plot(rows: list[dict], path: Path, title: str, time_key: str = "median_step_s") -> None:
+    """Seconds per step (time_key) and peak memory, one group of bars per (task, workload)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -265,9 +265,10 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
     for i, contender in enumerate(contenders):
         mine = {(r["task"], r["workload"]): r for r in rows if r["contender"] == contender}
         xs = [j + i * width for j in range(len(groups))]
-        axes[0].bar(xs, [mine[g]["median_step_s"] if g in mine else 0 for g in groups], width, label=contender)
+        axes[0].bar(xs, [mine[g][time_key] if g in mine else 0 for g in groups], width, label=contender)
         axes[1].bar(xs, [mine[g]["peak_mb"] if g in mine else 0 for g in groups], width, label=contender)
-    for ax, label in zip(axes, ("seconds per step (median)", "peak memory (MB)"), strict=True):
+    seconds = "CPU seconds per step (median)" if time_key == "median_step_cpu_s" else "seconds per step (median)"
+    for ax, label in zip(axes, (seconds, "peak memory (MB)"), strict=True):
         ax.set_xticks([j + 0.4 - width / 2 for j in range(len(groups))], [f"{t} {w}" for t, w in groups])
         ax.set_ylabel(label)
     axes[0].legend()
@@ -337,12 +338,13 @@ def main(argv=None) -> int:
         for row in rows:
             f.write(json.dumps(row) + "\n")
     memory = "peak max_memory_allocated" if device.type == "cuda" else "peak RSS"
-    table = markdown(rows, memory, "median_step_s" if device.type == "cuda" else "median_step_cpu_s")
+    time_key = "median_step_s" if device.type == "cuda" else "median_step_cpu_s"
+    table = markdown(rows, memory, time_key)
     notes = "\n".join([*(f"- differs: {d}" for d in DIFFERENCES), *notes])
     (args.out / "e2e.md").write_text(f"{table}\n\n{notes}\n")
     print(table)
     print(notes)
-    plot(rows, args.out / "e2e.png", f"whole steps on {tags['device_name']}, {args.threads} thread(s)")
+    plot(rows, args.out / "e2e.png", f"whole steps on {tags['device_name']}, {args.threads} thread(s)", time_key)
     return 0
 
 
