@@ -54,7 +54,7 @@ lock: $(LATEST)/.installed
 	mv $(LOCK).tmp $(LOCK)
 
 # On a lent GPU machine (no network, no venv): install this checkout into its python3, then the GPU tests and the
-# benchmarks against the peers within 8 minutes (bench/gpu_check.py). GPU_WHEELS=dir: peer wheels to install first.
+# benchmarks against the peers within 10 minutes (whole training steps included) (bench/gpu_check.py). GPU_WHEELS=dir: peer wheels to install first.
 GPU_PYTHON ?= python3
 .PHONY: gpu-check
 gpu-check:

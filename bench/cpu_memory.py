@@ -14,10 +14,12 @@ of one full-size run above the resident set when it starts (VmHWM, reset through
 first full-size run, as later ones could reuse memory the allocator kept and read low; then time: the
 median of --repeats more runs, wall clock and this process's CPU time (user + system: with one thread, the
 wall time an idle machine would show; on a shared machine the steadier of the two).
+The contenders are interleaved: --rounds rounds, each running every (vocab, method) once in turn, so that a
+change in the machine's load falls on all of them; a row holds the median over the rounds.
 Results: JSON lines appended to bench/results/cpu_memory.jsonl (tagged with the CPU, threads, torch and TRL
-versions) and a markdown table on stdout.
+versions, the rounds and the machine's load) and a markdown table on stdout.
 
-    python bench/cpu_memory.py [--vocab 32768 128256] [--repeats 3] [--threads 1]
+    python bench/cpu_memory.py [--vocab 32768 128256] [--repeats 3] [--rounds 2] [--threads 1]
 """
 
 from __future__ import annotations
@@ -114,17 +116,28 @@ def run_one(name: str, vocab: int, repeats: int, threads: int) -> dict:
     }
 
 
+def over_rounds(rows: list[dict]) -> dict:
+    """One (vocab, method)'s rows from several rounds -> one row: the medians, the load's range."""
+    loads = [r["load_avg"] for r in rows]
+    merged = {**rows[-1], "rounds": len(rows), "load_avg": [min(loads), max(loads)]}
+    merged["min_s"] = min(r["min_s"] for r in rows)
+    for key in ("p50_s", "p50_cpu_s", "peak_extra_mb"):
+        merged[key] = statistics.median(r[key] for r in rows)
+    return merged
+
+
 def markdown(rows: list[dict]) -> str:
     lines = [
-        "| V | method | fwd+bwd p50 (s) | CPU time p50 (s) | vs textbook (CPU time) | peak extra (MB) | grads (MB) |",
-        "|---|---|---|---|---|---|---|",
+        "| V | method | fwd+bwd p50 (s) | CPU time p50 (s) | vs textbook (CPU time) | peak extra (MB) | grads (MB) "
+        "| above grads (MB) |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
         base = next((r for r in rows if r["vocab"] == row["vocab"] and r["method"] == "textbook"), None)
         ratio = f"{row['p50_cpu_s'] / base['p50_cpu_s']:.2f}x" if base else "—"
         lines.append(
             f"| {row['vocab']} | {row['method']} | {row['p50_s']:.2f} | {row['p50_cpu_s']:.2f} | {ratio} "
-            f"| {row['peak_extra_mb']:.0f} | {row['grads_mb']:.0f} |"
+            f"| {row['peak_extra_mb']:.0f} | {row['grads_mb']:.0f} | {row['peak_extra_mb'] - row['grads_mb']:+.0f} |"
         )
     return "\n".join(lines)
 
@@ -134,6 +147,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--vocab", type=int, nargs="+", default=[32768, 128256])
     parser.add_argument("--methods", nargs="+", choices=METHOD_NAMES, default=METHOD_NAMES, metavar="METHOD")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs after the cold (memory) run")
+    parser.add_argument("--rounds", type=int, default=2, help="interleaved rounds over every (vocab, method)")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--out", type=Path, default=RESULTS, help="the JSON lines file the rows are appended to")
     parser.add_argument("--one", nargs=2, metavar=("METHOD", "VOCAB"), help=argparse.SUPPRESS)
@@ -141,19 +155,24 @@ def main(argv: list[str] | None = None) -> None:
     if args.one:
         print(json.dumps(run_one(args.one[0], int(args.one[1]), args.repeats, args.threads)))
         return
-    rows = []
+    plan = []
     for vocab in args.vocab:
         for name in args.methods:
             reason = method(name).unavailable(config(vocab), CPU)
             if reason:
                 print(f"  {name} V={vocab}: skipped, {reason}", file=sys.stderr)
-                continue
+            else:
+                plan.append((vocab, name))
+    runs = {key: [] for key in plan}
+    for round_index in range(args.rounds):
+        for vocab, name in plan:
             cmd = [sys.executable, __file__, "--one", name, str(vocab), "--repeats", str(args.repeats)]
             out = subprocess.run([*cmd, "--threads", str(args.threads)], check=True, capture_output=True, text=True)
-            rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
-            row = rows[-1]
-            print(f"  {name} V={vocab}: {row['p50_s']:.2f} s ({row['p50_cpu_s']:.2f} s CPU), "
-                  f"+{row['peak_extra_mb']:.0f} MB", file=sys.stderr)  # fmt: skip
+            row = json.loads(out.stdout.strip().splitlines()[-1])
+            runs[vocab, name].append(row)
+            print(f"  round {round_index + 1}, {name} V={vocab}: {row['p50_s']:.2f} s ({row['p50_cpu_s']:.2f} s CPU), "
+                  f"+{row['peak_extra_mb']:.0f} MB, load {row['load_avg']}", file=sys.stderr)  # fmt: skip
+    rows = [over_rounds(runs[key]) for key in plan]
     args.out.parent.mkdir(parents=True, exist_ok=True)
     with args.out.open("a") as f:
         for row in rows:

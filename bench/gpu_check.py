@@ -1,4 +1,4 @@
-"""`make gpu-check`: what a lent GPU should measure, in one command, within 8 minutes on an H100 / H200.
+"""`make gpu-check`: what a lent GPU should measure, in one command, within 10 minutes on an H100 / H200.
 
 The GPU machine has no network and no venv: `make gpu-check` installs this checkout into its python3
 (`pip install --no-deps --no-build-isolation -e .`) and runs `python3 -m fastpref.bench.gpu_check`. The
@@ -9,7 +9,8 @@ parts run in order, each in its own process killed at its budget, so one that ha
 | peers | `pip install --no-deps --no-index` of the wheels in `--wheels DIR` (or $GPU_WHEELS), if given | 20 s |
 | tests | `pytest tests/test_gpu.py`, kernels compiled (TRITON_INTERPRET=0) | 180 s |
 | logits | `fastpref bench --op logits` on llama3-8b, gemma2-2b, qwen2.5-7b (starts nothing after 55 s) | 80 s |
-| linear | `fastpref bench --op linear`, same configs and methods (starts nothing after 115 s) | 170 s |
+| linear | `fastpref bench --op linear`, same configs and methods (starts nothing after 115 s) | 150 s |
+| e2e | `fastpref bench e2e --rounds 1`: whole DPO / SFT steps, fastpref train vs TRL stock and patched | 120 s |
 
 The GPU tests: bf16 parity, CUDA-graph capture + replay of every linear op and of a DPO step, host
 syncs under `torch.cuda.set_sync_debug_mode`, a head on a second GPU (where two are), llama3-8b's
@@ -68,8 +69,12 @@ class Budget:
     time_box: float | None = None
 
 
-BUDGETS = {"peers": Budget(20), "tests": Budget(180), "logits": Budget(80, 55), "linear": Budget(170, 115)}
-DRY_RUN_BUDGETS = {"peers": Budget(60), "tests": Budget(120), "logits": Budget(120, 90), "linear": Budget(180, 150)}
+BUDGETS = {"peers": Budget(20), "tests": Budget(180), "logits": Budget(80, 55), "linear": Budget(150, 115),
+           "e2e": Budget(120)}
+DRY_RUN_BUDGETS = {"peers": Budget(60), "tests": Budget(120), "logits": Budget(120, 90), "linear": Budget(180, 150),
+                   "e2e": Budget(120)}
+# --dry-run's e2e: the toy model, fastpref train alone (TRL left out, as above)
+DRY_RUN_E2E = ["--quick", "--device", "cpu", "--tasks", "sft", "--contenders", "fastpref"]
 
 
 @dataclass(frozen=True)
@@ -132,6 +137,8 @@ def plan(out: Path, wheels: Path | None, dry_run: bool) -> list[Part | Outcome]:
         bench = [sys.executable, "-m", "fastpref.bench", "--op", op, "--configs", *configs, *device]
         bench += ["--methods", *(DRY_RUN_METHODS if dry_run else METHODS), "--out", str(out)]
         parts.append(Part(op, [*bench, "--time_box", str(budget.time_box)], budget, compiled))
+    e2e = [sys.executable, "-m", "fastpref.bench", "e2e", "--rounds", "1", "--out", str(out)]
+    parts.append(Part("e2e", [*e2e, *(DRY_RUN_E2E if dry_run else [])], budgets["e2e"], compiled))
     return parts
 
 

@@ -157,6 +157,35 @@ def test_cpu_memory_run(method):
     assert f"| 512 | {method} |" in cpu_memory.markdown([row])
 
 
+def test_e2e_times_whole_steps_of_fastpref_train_and_patched_trl(tmp_path):
+    """`fastpref bench e2e`'s runs at toy size, in this process: the same tokens per step in both loops (the same
+    rows, nothing truncated), one time per step after warm-up, the peak memory, the table and the plot."""
+    pytest.importorskip("trl")
+    from fastpref.bench import e2e
+
+    toy, threads = e2e.QUICK, torch.get_num_threads()
+    model_dir, data = e2e.prepare(toy, "dpo", tmp_path)
+    try:
+        records = [e2e.run_one("dpo", contender, toy, model_dir, data, CPU, threads=1)
+                   for contender in ("fastpref", "trl-patched")]
+    finally:
+        torch.set_num_threads(threads)
+    for record in records:
+        assert len(record["step_s"]) == len(record["step_cpu_s"]) == toy.timed_steps
+        assert all(s > 0 for s in record["step_s"]) and record["peak_mb"] > record["rss_start_mb"] > 0
+        assert record["tokens_per_step"] == toy.batch * 2 * toy.max_length  # chosen and rejected, prompt + answer + EOS
+    rows = [e2e.summarize([record]) for record in records]
+    assert {k for row in rows for k in row} >= {"median_step_s", "median_step_cpu_s", "tokens_per_s", "peak_mb",
+                                               "differences", "tokens_per_step", "timed_steps"}
+    table = e2e.markdown(rows, "peak RSS", "median_step_cpu_s")
+    assert "| dpo | toy | fastpref |" in table and "| dpo | toy | trl-patched |" in table and "| 1.00x |" in table
+    e2e.plot(rows, tmp_path / "e2e.png", "toy")
+    assert (tmp_path / "e2e.png").stat().st_size > 0
+    with pytest.raises(SystemExit) as exit_info:
+        harness.main(["e2e", "--help"])  # `fastpref bench e2e` reaches it
+    assert exit_info.value.code == 0
+
+
 def test_gpu_check_part_is_killed_at_its_budget():
     sleep = "print('started', flush=True); import time; time.sleep(60)"
     sleeper = gpu_check.Part("sleeper", [sys.executable, "-c", sleep], gpu_check.Budget(2))
@@ -179,7 +208,7 @@ def test_gpu_check_dry_run(tmp_path):
     """`make gpu-check`'s plumbing on this CPU: every part runs, the records land in --out, one summary."""
     assert gpu_check.main(["--dry-run", "--out", str(tmp_path)]) == 0
     text = (tmp_path / "gpu_check.md").read_text()
-    for part in ("| peers | — | 0 | not run: no --wheels", "| tests | ", "| logits | ", "| linear | "):
+    for part in ("| peers | — | 0 | not run: no --wheels", "| tests | ", "| logits | ", "| linear | ", "| e2e | "):
         assert part in text, part
     assert "tests/test_gpu.py: " in text and " skipped" in text
     records = [json.loads(line) for op in gpu_check.OPS for line in (tmp_path / f"{op}.jsonl").read_text().splitlines()]
@@ -191,6 +220,7 @@ def test_gpu_check_dry_run(tmp_path):
     assert len(rows) == len({(r["workload"], r["method"]) for r in records if r["op"] == "linear"})
     assert "- cce (linear_sequence_logps): skipped" in text
     assert "===== linear: ok" in (tmp_path / "gpu_check.log").read_text()
+    assert "| sft | toy | fastpref |" in (tmp_path / "e2e.md").read_text()
 
 
 def test_gpu_check_summary_ratios():

@@ -151,6 +151,36 @@ def test_token_stats(backend, head):
             assert_close(got, want[name], rtol=1e-5, atol=1e-5, name=name)
 
 
+def test_statistics_and_fp32_gradients_stay_fp32_inside_a_callers_autocast(monkeypatch):
+    """Inside torch.autocast (TRL's default), the logits tile of fp32 inputs comes from a bf16 GEMM as any
+    F.linear's would; the statistics and the gradient's products after it stay fp32 (the torch backend's row dot
+    products and dh product are matmuls, which autocast would otherwise run in bf16)."""
+    monkeypatch.setenv("FASTPREF_BACKEND", "torch")
+    hidden, weight, _, labels = linear_inputs(3, 7, 64, 3001, torch.float32, with_bias=False)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logps, stats = fastpref.linear_token_logps(hidden, weight, labels, return_stats=True)
+        grads = torch.autograd.grad(logps.sum(), (hidden, weight))
+    logits = (hidden.detach().bfloat16() @ weight.detach().bfloat16().T).double()  # the bf16 GEMM's output
+    want = ref.token_stats(logits, labels)
+    for name in ("entropy", "log_sum_sq_probs"):
+        assert_close(getattr(stats, name), want[name], rtol=1e-5, atol=1e-5, name=name)
+    expected = torch.autograd.grad(fastpref.linear_token_logps(hidden, weight, labels).sum(), (hidden, weight))
+    for got, exact in zip(grads, expected, strict=True):
+        assert (got - exact).norm() <= 0.05 * exact.norm()  # the forward's bf16 logits only, not a bf16 dh
+
+
+def test_is_top1_is_the_first_maximum_across_vocab_chunks(backend):
+    """Tied maxima in two vocab chunks (columns 10 and 300: chunks of 256 with small tiles): the target is the
+    top-1 only at the first, as torch.argmax; a target in a later chunk below a tie is not."""
+    logits = logits_like((4, 1, 600), torch.float32).detach()
+    logits[:, :, [10, 300]] = 50.0
+    logits[3, :, 500] = 60.0  # a later chunk's strictly greater maximum
+    labels = torch.tensor([[10], [300], [20], [500]])
+    _, stats = fastpref.token_logps(logits, labels, return_stats=True)
+    assert stats.is_top1.squeeze(1).tolist() == [True, False, False, True]
+    assert torch.equal(stats.is_top1, logits.argmax(-1) == labels)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("reduction", ["sum", "mean"])
 def test_sequence_logps(backend, dtype, reduction):

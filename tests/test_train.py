@@ -335,7 +335,11 @@ def test_ddp_and_fsdp_two_processes_match_one(tmp_path, pairs_file):
     single = _weights(tmp_path / "one")
     for name in ("ddp", "fsdp"):
         for key, value in _weights(tmp_path / name).items():
-            torch.testing.assert_close(value, single[key], rtol=1e-4, atol=1e-6, msg=f"{name} {key}")
+            # atol 1e-5 (lr 1e-2 x 1e-3): Adam divides each gradient by its running RMS, so where a weight's gradient
+            # is ~eps (1e-8, a sum over tokens that cancels) the rounding that differs between one process and two
+            # (other row sets, the all-reduce) moves its update by up to ~1e-3 lr (measured: 2.7e-6, one lm_head
+            # element of 4768)
+            torch.testing.assert_close(value, single[key], rtol=1e-4, atol=1e-5, msg=f"{name} {key}")
 
 
 # --- reference cache ---

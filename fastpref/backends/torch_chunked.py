@@ -10,9 +10,12 @@ and log Σp²). Backward walks the same tiles again and turns each
 into  dz = g · (onehot(y) − softmax(z)) · dz/draw,  which is written out (logits path) or
 multiplied into dh = dz·W and dW = dzᵀ·h (linear path).
 
-Memory: one fp32 tile of at most TILE_BYTES plus ~2 temporaries of its size; on the linear path also
-the compact hidden rows (n, H), an fp32 dh accumulator (n, H) and one vocab chunk's fp32 dW
-(cols, H). Nothing of size (N, V) except the logits gradient the logits path returns.
+Memory: one fp32 tile of at most TILE_BYTES plus ~2 temporaries of its size on the logits path. The
+linear path holds one tile of LINEAR_TILE_BYTES at a time (each is dropped before the next is
+computed; without a softcap or an entropy gradient all its updates are in place) and its hidden rows; the forward also the compact hidden rows
+(n, H); the backward, besides the gradients themselves, nothing else of note in fp32 (dh and dW are
+accumulated in place), and for half dtypes an fp32 dh accumulator (n, H) and one vocab chunk's fp32
+dW (cols, H). Nothing of size (N, V) except the logits gradient the logits path returns.
 FLOPs (linear path): forward 2·n·H·V, backward 6·n·H·V, n counting valid tokens only.
 The fused pass (`linear_rows_fused`) holds one (rows, V) tile and does 6·n·H·V in all.
 """
@@ -28,6 +31,7 @@ from fastpref.backends.rows import valid_rows
 from fastpref.params import HeadParams
 
 TILE_BYTES = 64 << 20  # fp32 bytes of one logits tile
+LINEAR_TILE_BYTES = 16 << 20  # the linear path's tile: its GEMMs run within 7% of a 64 MB tile's speed, in a CPU's L3
 VOCAB_CHUNK = 8192  # columns of one tile: keeps the GEMM's packed weight chunk small
 
 
@@ -37,8 +41,8 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def fused_bytes_per_logit(dtype: torch.dtype) -> int:
-    """Bytes the single pass holds per logit: the GEMM output in the input dtype plus three
-    compute-dtype tiles (z, and logsumexp's and the softmax's temporaries)."""
+    """Bytes the single pass may hold per logit, a bound: the GEMM output in the input dtype plus three
+    compute-dtype tiles (z cast from a half dtype, a softcap's slope, the half copy of the gradient)."""
     return torch.finfo(dtype).bits // 8 + 3 * torch.finfo(compute_dtype(dtype)).bits // 8
 
 
@@ -48,10 +52,11 @@ def fused_dw_accumulator(weight: torch.Tensor) -> torch.Tensor:
     return torch.zeros_like(weight, dtype=compute_dtype(weight.dtype))
 
 
-def rows_per_tile(n_cols: int, dtype: torch.dtype, params: HeadParams) -> int:
-    """How many rows of n_cols compute-dtype values fit in one tile (at least one)."""
+def rows_per_tile(n_cols: int, dtype: torch.dtype, params: HeadParams, default_bytes: int | None = None) -> int:
+    """How many rows of n_cols compute-dtype values fit in one tile (at least one): params.tile_bytes,
+    else default_bytes, else TILE_BYTES."""
     itemsize = torch.finfo(compute_dtype(dtype)).bits // 8
-    budget = TILE_BYTES if params.tile_bytes is None else params.tile_bytes
+    budget = params.tile_bytes if params.tile_bytes is not None else default_bytes or TILE_BYTES
     return max(1, budget // (n_cols * itemsize))
 
 
@@ -108,6 +113,18 @@ def _share(log_part: torch.Tensor, log_total: torch.Tensor) -> torch.Tensor:
     return torch.where(log_total > float("-inf"), torch.exp(log_part - log_total), 0.0)
 
 
+def _exact_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ b in the operands' dtype, also when a caller's autocast region would cast it to half (the ops run
+    inside the caller's autocast: the tiles' statistics and fp32 gradients must stay fp32)."""
+    with torch.autocast(a.device.type, enabled=False):
+        return a @ b
+
+
+def _row_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """(r, c), (r, c) -> (r,): Σ_j a_ij·b_ij as r batched GEMVs, without an (r, c) product."""
+    return _exact_matmul(a[:, None, :], b[:, :, None]).view(-1)
+
+
 class _RowFold:
     """Running log-sum-exp (and optional statistics) of r rows seen one vocab chunk at a time.
 
@@ -126,18 +143,23 @@ class _RowFold:
         picked = z.gather(1, y_local.clamp(0, z.shape[1] - 1)[:, None]).squeeze(1)
         # A chunk that is −inf throughout (a constrained-decoding mask) is empty: its max is clamped
         # to the lowest finite value, so that every shift below stays finite and its sum is 0.
-        chunk_max = z.amax(1).clamp_(min=torch.finfo(z.dtype).min)
+        lowest = torch.finfo(z.dtype).min
         if self.with_stats:
+            chunk_max, chunk_argmax = z.max(1)  # the first maximum's column, as torch.argmax
+            chunk_max = chunk_max.clamp_(min=lowest)
+            top_here = chunk_argmax == y_local  # the chunk's first maximum is the target
             chunk_z_sum = z.sum(1)
-            columns = torch.arange(z.shape[1], device=z.device)
-            chunk_max_before = torch.where(columns < y_local[:, None], z, float("-inf")).amax(1)
+        else:
+            chunk_max = z.amax(1).clamp_(min=lowest)
         shifted = z.sub_(chunk_max[:, None])
         if self.with_stats:
-            chunk_log_sum2 = torch.logsumexp(2 * shifted, dim=1)  # log Σ exp(2(z − max))
             exp = shifted.exp()
             chunk_sum = exp.sum(1)
-            # Σ softmax·(z − max) over the chunk; −inf columns (p = 0) add nothing, an empty chunk 0
-            p_dot_z = torch.where(exp > 0, exp * shifted, 0.0).sum(1)
+            # row-wise dot products (batched GEMVs): no tile-sized temporary
+            chunk_log_sum2 = _row_dot(exp, exp).log()  # log Σ exp(2(z − max))
+            # Σ softmax·(z − max) over the chunk; −inf columns (p = 0) add nothing (clamped: 0 · −inf is nan),
+            # an empty chunk 0
+            p_dot_z = _row_dot(exp, shifted.clamp_(min=lowest))
             chunk_p_dot_z = torch.where(chunk_sum > 0, p_dot_z / chunk_sum, 0.0)
         else:
             chunk_sum = shifted.exp_().sum(1)
@@ -147,7 +169,7 @@ class _RowFold:
             self.target = torch.where(hit, picked, 0.0)
             if self.with_stats:
                 self.p_dot_z, self.log_sum2, self.z_sum = chunk_p_dot_z, chunk_log_sum2, chunk_z_sum
-                self.max_before = chunk_max_before
+                self.top_is_target = top_here
             return
         self.target = torch.where(hit, picked, self.target)
         new_max = torch.maximum(self.max, chunk_max)
@@ -160,7 +182,8 @@ class _RowFold:
             )
             self.log_sum2 = torch.logaddexp(self.log_sum2 + 2 * old_shift, chunk_log_sum2 + 2 * chunk_shift)
             self.z_sum = self.z_sum + chunk_z_sum
-            self.max_before = torch.maximum(self.max_before, chunk_max_before)
+            # a later chunk's maximum is the first maximum only when strictly greater
+            self.top_is_target = torch.where(chunk_max > self.max, top_here, self.top_is_target)
         self.max, self.log_sum = new_max, new_log_sum
 
     def logps(self) -> torch.Tensor:
@@ -172,21 +195,21 @@ class _RowFold:
         return torch.stack(
             [
                 self.log_sum - self.p_dot_z,
-                ((self.target >= self.max) & (self.target > self.max_before)).to(self.max.dtype),
+                (self.top_is_target & (self.target >= self.max)).to(self.max.dtype),
                 self.z_sum / self.n_cols,
                 self.log_sum2 - 2 * self.log_sum,
             ]
         )
 
 
-def _fold_forward(tile: Callable, y, n_cols, like, params, with_stats):
-    """Walk rows x cols tiles given by tile(r0, r1, c0, c1) -> raw tile in the compute dtype;
-    return compact logps (n,), lse (2, n) and stats (4, n) or None."""
+def _fold_forward(tile: Callable, y, n_cols, like, params, with_stats, tile_bytes=None):
+    """Walk rows x cols tiles given by tile(r0, r1, c0, c1) -> raw tile in the compute dtype, of
+    tile_bytes (None: TILE_BYTES) unless params say; return compact logps (n,), lse (2, n) and stats (4, n) or None."""
     n = y.numel()
     cols = min(n_cols, VOCAB_CHUNK)
     logps, lse = like.new_empty(n), like.new_empty(2, n)
     stats = like.new_empty(4, n) if with_stats else None
-    for r0, r1 in spans(n, rows_per_tile(cols, like.dtype, params)):
+    for r0, r1 in spans(n, rows_per_tile(cols, like.dtype, params, tile_bytes)):
         fold = _RowFold(n_cols, with_stats)
         for c0, c1 in spans(n_cols, cols):
             fold.add(_transform_(tile(r0, r1, c0, c1), params), y[r0:r1] - c0)
@@ -301,7 +324,8 @@ def linear_forward(hidden, weight, bias, labels, params: HeadParams, with_stats:
     def tile(r0, r1, c0, c1):
         return _linear_tile(h[r0:r1], weight, bias, c0, c1, cdt)
 
-    return scatter_outputs(labels, pos, *_fold_forward(tile, y, weight.shape[0], like, params, with_stats))
+    folded = _fold_forward(tile, y, weight.shape[0], like, params, with_stats, LINEAR_TILE_BYTES)
+    return scatter_outputs(labels, pos, *folded)
 
 
 def _rows(entropy, grad_entropy, r0, r1):
@@ -315,37 +339,48 @@ def linear_backward(
     """Gradients of Σ grad_logps·logps (+ Σ grad_entropy·entropy when given) w.r.t. (hidden, weight,
     bias); None where needs[i] is False. pos: the forward's valid positions (no sync), else counted again.
 
-    Vocab chunks outermost, so one chunk's dW is accumulated in fp32 and written once.
+    Vocab chunks outermost, so one chunk's dW is accumulated in the compute dtype and written once.
+    Each row tile's hidden rows are gathered when it is computed; in the compute dtype its dh is added
+    straight into dh, in a half dtype into one compact compute-dtype accumulator (n, H) (rounding a
+    chunk's partial dh to half would bias it). Each tile is dropped before the next one is computed:
+    one tile alive at a time.
     """
     need_h, need_w, need_b = needs
     pos = valid_rows(labels, params.ignore_index, weight.shape[0]) if pos is None else pos
-    y, h, lse = labels[pos], hidden[pos], lse[(slice(None), *pos)]
+    y, lse = labels[pos], lse[(slice(None), *pos)]
     cdt, dt = compute_dtype(hidden.dtype), hidden.dtype
     g = grad_logps[pos].to(cdt)
     ent, g_ent = _entropy_terms(pos, entropy, grad_entropy, cdt)
     n, (n_vocab, n_hidden) = y.numel(), weight.shape
     cols = min(n_vocab, VOCAB_CHUNK)
-    rows = rows_per_tile(cols, dt, params)
-    dh_acc = h.new_zeros(n, n_hidden, dtype=cdt) if need_h else None
+    rows = rows_per_tile(cols, dt, params, LINEAR_TILE_BYTES)
+    dh = torch.zeros_like(hidden) if need_h else None
+    dh_acc = None
+    if need_h and dt != cdt:
+        dh_acc = hidden.new_zeros(n, n_hidden, dtype=cdt)
     dw = torch.zeros_like(weight) if need_w else None
     db = torch.zeros_like(bias) if need_b else None
     for c0, c1 in spans(n_vocab, cols):
         # one vocab chunk's dW, accumulated in the compute dtype (in dW itself when it has that dtype)
-        dw_acc = (dw[c0:c1] if dw.dtype == cdt else h.new_zeros(c1 - c0, n_hidden, dtype=cdt)) if need_w else None
+        dw_acc = (dw[c0:c1] if dw.dtype == cdt else weight.new_zeros(c1 - c0, n_hidden, dtype=cdt)) if need_w else None
         for r0, r1 in spans(n, rows):
-            z = _transform_(_linear_tile(h[r0:r1], weight, bias, c0, c1, cdt), params)
+            row_pos = tuple(p[r0:r1] for p in pos)
+            h_rows = hidden[row_pos]
+            z = _transform_(_linear_tile(h_rows, weight, bias, c0, c1, cdt), params)
             dz = _softmax_grad_(z, y[r0:r1] - c0, lse[:, r0:r1], g[r0:r1], params, *_rows(ent, g_ent, r0, r1))
-            if need_h:
-                accumulate_matmul_(dh_acc[r0:r1], dz.to(dt), weight[c0:c1])  # dh = dz · W
+            del z
+            if need_h and dh_acc is None:
+                dh.index_put_(row_pos, _exact_matmul(dz, weight[c0:c1]), accumulate=True)  # dh = dz · W
+            elif need_h:
+                accumulate_matmul_(dh_acc[r0:r1], dz.to(dt), weight[c0:c1])
             if need_w:
-                accumulate_matmul_(dw_acc, dz.T.to(dt), h[r0:r1])  # dW = dzᵀ · h
+                accumulate_matmul_(dw_acc, dz.T.to(dt), h_rows)  # dW = dzᵀ · h
             if need_b:
                 db[c0:c1] += dz.sum(0).to(db.dtype)  # db = Σ_rows dz
+            del dz, h_rows
         if need_w and dw_acc.dtype != dw.dtype:
             dw[c0:c1] = dw_acc
-    dh = None
-    if need_h:
-        dh = torch.zeros_like(hidden)
+    if dh_acc is not None:
         dh[pos] = dh_acc.to(dt)
     return dh, dw, db
 
@@ -363,14 +398,25 @@ def linear_rows_fused(
     """
     cdt, dt = compute_dtype(h_rows.dtype), h_rows.dtype
     z = _transform_(_linear_tile(h_rows, weight, bias, 0, weight.shape[0], cdt), params)
+    slope = None  # dz'/draw per logit under a softcap, read from the transformed tile before it is overwritten
+    if params.softcap is not None:
+        slope = (z * (params.temperature / params.softcap)).square_().neg_().add_(1.0).mul_(_raw_slope(params))
     row_max = z.amax(1)
-    shifted = z - row_max[:, None]
-    log_sum = torch.logsumexp(shifted, dim=1)
-    logps = shifted.gather(1, y[:, None]).squeeze(1) - log_sum
-    log_sum_sq = torch.logsumexp(2 * shifted, dim=1) - 2 * log_sum if with_log_sum_sq else None
-    del shifted
+    picked = z.gather(1, y[:, None]).squeeze(1) - row_max
+    # the tile becomes exp(z − max) in place, then the gradient: no second tile (the softmax is exp / Σ exp)
+    probs = z.sub_(row_max[:, None]).exp_()
+    total = probs.sum(1)
+    log_sum = total.log()
+    logps = picked - log_sum
+    log_sum_sq = _row_dot(probs, probs).log() - 2 * log_sum if with_log_sum_sq else None
     g = token_grads(logps, log_sum_sq).to(cdt)
-    dz = _softmax_grad_(z, y, torch.stack([row_max, log_sum]), g, params).to(dt)
+    dz = probs.mul_((-g / total)[:, None])  # dz' = g · (onehot(y) − p)
+    dz.scatter_add_(1, y[:, None], g[:, None])
+    if slope is not None:
+        dz.mul_(slope)
+    elif _raw_slope(params) != 1.0:
+        dz.mul_(_raw_slope(params))
+    dz = dz.to(dt)
     if dw_acc is not None:
         accumulate_matmul_(dw_acc, dz.T, h_rows)  # dW += dzᵀ · h
     if db_acc is not None:
