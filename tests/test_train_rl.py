@@ -311,7 +311,8 @@ def test_no_tokens_by_vocab_tensor_for_policy_old_policy_or_reference(tmp_path, 
     from fastpref.backends import torch_chunked
     from fastpref.train.config import make_config
 
-    monkeypatch.setattr(torch_chunked, "TILE_BYTES", 1 << 18)  # tiles of 64k fp32 elements
+    for name in ("TILE_BYTES", "LINEAR_TILE_BYTES"):  # tiles of 64k fp32 elements: fewer than N x V here
+        monkeypatch.setattr(torch_chunked, name, 1 << 18)
     vocab, completions, length = 8192, 8, 16
     torch.manual_seed(0)
     folder = tmp_path / "wide"
