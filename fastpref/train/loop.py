@@ -466,7 +466,7 @@ class Trainer:
         Each micro-batch's loss (a mean over its own units) is weighted by its share of the units of the
         whole accumulated batch on every rank, as transformers' `num_items_in_batch`: for SFT, batch 2 x
         accumulation 2 then optimises what batch 4 x 1 does, the mean over all the step's tokens."""
-        c, dist = self.config, self.dist
+        dist = self.dist
         if self.rl:
             return self.rl.step()
         acc = metrics.Accumulator()
@@ -489,6 +489,14 @@ class Trainer:
                 # DDP / FSDP average the gradients over ranks: the world size undoes that average
                 (loss * (units[i] * dist.world / step_units)).backward()
             acc.add(values)
+        grad_norm, skipped = self.update(skipped)
+        return {"acc": acc, "grad_norm": grad_norm, "tokens": tokens}, skipped
+
+    def update(self, skipped: bool) -> tuple[float, bool]:
+        """The end of an optimizer step: clip and step unless the step is skipped (a non-finite loss, or a
+        non-finite gradient norm found here), then zero the gradients and advance the schedule either way.
+        Returns (grad_norm, skipped)."""
+        c = self.config
         grad_norm = float("nan")
         if not skipped:
             max_norm = c.max_grad_norm if c.max_grad_norm and c.max_grad_norm > 0 else float("inf")
@@ -499,7 +507,7 @@ class Trainer:
                 self._check_weights()
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
-        return {"acc": acc, "grad_norm": grad_norm, "tokens": tokens}, skipped
+        return grad_norm, skipped
 
     def _check_weights(self) -> None:
         """Stop, before anything is saved, when an update left a non-finite weight."""

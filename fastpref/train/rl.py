@@ -499,16 +499,7 @@ class RLStage:
                     break
                 loss.backward()  # DDP averages over processes, as TRL's accelerate does
             acc.add(values)
-        grad_norm = float("nan")
-        if not skipped:
-            max_norm = c.max_grad_norm if c.max_grad_norm and c.max_grad_norm > 0 else float("inf")
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(t.module.parameters(), max_norm))
-            skipped = not math.isfinite(grad_norm)
-            if not skipped:
-                t.optimizer.step()
-                t._check_weights()
-        t.optimizer.zero_grad(set_to_none=True)
-        t.scheduler.step()
+        grad_norm, skipped = t.update(skipped)
         tokens = rollouts["tokens"] if t.global_step % self.iterations == 0 else 0
         return {"acc": acc, "grad_norm": grad_norm, "tokens": tokens}, skipped
 
