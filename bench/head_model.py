@@ -12,7 +12,6 @@ outside GEMMs and row kernels (gathers, the loss on (B,) tensors, launches) is l
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import dataclass
 from pathlib import Path
 

@@ -13,7 +13,6 @@ from assertions import assert_close
 from fastpref.backends import rows, triton_backend
 from fastpref.kernels import launch as launch_module
 from fastpref.kernels import token_logps as kernels
-from fastpref.params import HeadParams
 
 
 @pytest.fixture

@@ -11,7 +11,7 @@ import torch
 pytest.importorskip("transformers")
 
 import transformers  # noqa: E402
-from test_train import model_dir, pair_rows, run, tokenizer_dir, write_jsonl  # noqa: E402
+from test_train import pair_rows, run, tokenizer_dir, write_jsonl  # noqa: E402
 
 from fastpref.train import make_config, modeling  # noqa: E402
 from fastpref.train.data import (  # noqa: E402
