@@ -26,7 +26,8 @@ USER_ENV = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTH
 
 def run(command: list[str], cwd: Path, timeout: float = 300, env: dict | None = None) -> str:
     done = subprocess.run(command, cwd=cwd, env=env or USER_ENV, capture_output=True, text=True, timeout=timeout)
-    assert done.returncode == 0, f"{' '.join(command)} exited {done.returncode}:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+    shown = " ".join(map(str, command))
+    assert done.returncode == 0, f"{shown} exited {done.returncode}:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
     return done.stdout + done.stderr
 
 
@@ -88,7 +89,8 @@ def wheel_env(tmp_path_factory) -> tuple[Path, dict]:
     (wheel,) = tmp.glob("fastpref-*.whl")
     venv.create(tmp / "venv", with_pip=True)
     bin_dir = tmp / "venv" / "bin"
-    clean_site = subprocess.check_output([bin_dir / "python", "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"], text=True).strip()
+    where = "import sysconfig; print(sysconfig.get_paths()['purelib'])"
+    clean_site = subprocess.check_output([bin_dir / "python", "-c", where], text=True).strip()
     Path(clean_site, "deps.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
     run([bin_dir / "python", "-m", "pip", "install", "-q", "--no-deps", "--no-index", str(wheel)], cwd=tmp)
     env = USER_ENV | {"PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
