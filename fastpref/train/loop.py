@@ -478,27 +478,19 @@ class Trainer:
         tokens = 0
         for i, batch in enumerate(micro_batches):
             tokens += int(batch["attention_mask"].sum())
-            # DDP / FSDP average the gradients over ranks: the world size undoes that average
-            values = self.accumulate(batch, i == len(micro_batches) - 1, units[i] * dist.world / step_units)
-            if values is None:
-                skipped = True
-                break
+            last = i == len(micro_batches) - 1
+            sync = contextlib.nullcontext() if last or not hasattr(self.wrapped, "no_sync") else self.wrapped.no_sync()
+            with sync:
+                with self.autocast():
+                    loss, values = self.wrapped(batch)
+                if dist.any(not bool(torch.isfinite(loss.detach()))):
+                    skipped = True
+                    break
+                # DDP / FSDP average the gradients over ranks: the world size undoes that average
+                (loss * (units[i] * dist.world / step_units)).backward()
             acc.add(values)
         grad_norm, skipped = self.update(skipped)
         return {"acc": acc, "grad_norm": grad_norm, "tokens": tokens}, skipped
-
-    def accumulate(self, batch: dict, last: bool, scale: float = 1.0) -> dict | None:
-        """One micro-batch: the forward under autocast (gradients synced across ranks on the last one only), then
-        the backward of loss·scale. Its metric values, or None when the loss is not finite on some rank (then
-        nothing is accumulated and the step is to be skipped)."""
-        sync = contextlib.nullcontext() if last or not hasattr(self.wrapped, "no_sync") else self.wrapped.no_sync()
-        with sync:
-            with self.autocast():
-                loss, values = self.wrapped(batch)
-            if self.dist.any(not bool(torch.isfinite(loss.detach()))):
-                return None
-            (loss * scale).backward()
-        return values
 
     def update(self, skipped: bool) -> tuple[float, bool]:
         """The end of an optimizer step: clip and step unless the step is skipped (a non-finite loss, or a

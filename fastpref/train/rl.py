@@ -13,6 +13,7 @@ reference (beta > 0) come from `fastpref.linear_token_logps` on the hidden state
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -488,10 +489,15 @@ class RLStage:
             batch.update(num_items=rollouts["num_items"], accumulation=steps)
             if dist.enabled and getattr(c, "top_entropy_quantile", 1.0) < 1.0:
                 batch["gather"] = self._gather_ragged
-            values = t.accumulate(batch, i == steps - 1)  # DDP averages over processes, as TRL's accelerate does
-            if values is None:
-                skipped = True
-                break
+            last = i == steps - 1
+            sync = contextlib.nullcontext() if last or not hasattr(t.wrapped, "no_sync") else t.wrapped.no_sync()
+            with sync:
+                with t.autocast():
+                    loss, values = t.wrapped(batch)
+                if dist.any(not bool(torch.isfinite(loss.detach()))):
+                    skipped = True
+                    break
+                loss.backward()  # DDP averages over processes, as TRL's accelerate does
             acc.add(values)
         grad_norm, skipped = t.update(skipped)
         tokens = rollouts["tokens"] if t.global_step % self.iterations == 0 else 0
