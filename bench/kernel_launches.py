@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import itertools
 import json
 import pkgutil
 import re
@@ -84,10 +85,19 @@ def _labels(shape, vocab, generator):
     return labels
 
 
+# The statistics callers select (each a kernel variant): TRL's GRPO / RLOO, SFT, DPO, KTO, and all four
+# (DPO with WPO's weights). The workload cycles through them, so each meets several dtypes, softcaps and
+# vocabulary classes without multiplying the gate's classes.
+SELECTIONS = [
+    ("entropy",), ("entropy", "is_top1"), ("entropy", "is_top1", "mean_logit"), ("entropy", "mean_logit"), True
+]
+
+
 def _logits_path_calls(generator):
-    """token_logps forward (with / without stats) and backward (out of place, in place, through the
-    entropy too), for each dtype, softcap and vocabulary class: small (several rows per program), odd
-    (one masked block), large (full blocks and a tail)."""
+    """token_logps forward (without stats, and with a selection of them) and backward (out of place, in
+    place, through the entropy too), for each dtype, softcap and vocabulary class: small (several rows per
+    program), odd (one masked block), large (full blocks and a tail)."""
+    selections = itertools.cycle(SELECTIONS)
     for dtype in (torch.bfloat16, torch.float16, torch.float32):
         for softcap in (None, 30.0):
             for vocab, rows in ((97, 5), (3001, 3), (8208, 2)):  # 8208 = 2·4096 + 16: as 128,256, a multiple of 16
@@ -96,7 +106,7 @@ def _logits_path_calls(generator):
                 upstream = torch.randn(2, rows, generator=generator)
                 logps = fastpref.token_logps(logits, labels, softcap=softcap)
                 torch.autograd.grad(logps, logits, upstream)
-                logps, stats = fastpref.token_logps(logits, labels, softcap=softcap, return_stats=True)
+                logps, stats = fastpref.token_logps(logits, labels, softcap=softcap, return_stats=next(selections))
                 torch.autograd.grad((logps, stats.entropy), logits, (upstream, upstream))  # an entropy bonus
                 leaf = logits.detach().clone().requires_grad_()
                 logps = fastpref.token_logps(leaf * 1, labels, softcap=softcap, inplace_backward=True)
@@ -104,17 +114,19 @@ def _logits_path_calls(generator):
 
 
 def _linear_path_calls(generator):
-    """linear_token_logps (stats on and off) and linear_dpo_loss (single pass, WPO weighting, two-pass)."""
+    """linear_token_logps (the entropy, and no stats) and linear_dpo_loss (single pass, WPO weighting,
+    two-pass) with the statistics `fastpref train dpo` logs."""
     for dtype in (torch.bfloat16, torch.float32):
         hidden = torch.randn(4, 6, 16, generator=generator).to(dtype).requires_grad_()
         weight = (torch.randn(3001, 16, generator=generator) / 4).to(dtype).requires_grad_()
         labels = _labels((4, 6), 3001, generator)
-        logps, stats = fastpref.linear_token_logps(hidden, weight, labels, return_stats=True, softcap=30.0)
+        logps, stats = fastpref.linear_token_logps(hidden, weight, labels, return_stats="entropy", softcap=30.0)
         (logps.sum() + stats.entropy.sum()).backward()
         fastpref.linear_sequence_logps(hidden, weight, labels).sum().backward()
         refs = (-torch.rand(2, generator=generator) * 50, -torch.rand(2, generator=generator) * 50)
         for options in ({}, {"use_weighting": True}, {"loss_type": "aot"}):
-            fastpref.linear_dpo_loss(hidden, weight, labels, *refs, **options).loss.backward()
+            out, _stats = fastpref.linear_dpo_loss(hidden, weight, labels, *refs, return_stats=SELECTIONS[2], **options)
+            out.loss.backward()
 
 
 def _linear_slice_calls(generator):
@@ -122,6 +134,7 @@ def _linear_slice_calls(generator):
     vocabulary gives a full slice and a last one of an odd width (with its padded, aligned rows), for
     each dtype, softcap and entropy gradient. A slice's width depends on V alone, never on the rows."""
     from fastpref.ops.linear_token_logps import linear_token_logps_op
+    from fastpref.params import ENTROPY
 
     vocab, hidden_size = 2 * 4096 + 17, 16
     tile_bytes = 4096 * 4 * hidden_size  # slices of 4,096 columns (their fp32 dW fills the tile)
@@ -132,7 +145,7 @@ def _linear_slice_calls(generator):
         for softcap in (None, 30.0):
             for with_entropy in (False, True):
                 logps, _lse, stats = linear_token_logps_op(
-                    hidden, weight, None, labels, -100, 1.0, softcap, tile_bytes, 1.0, with_entropy
+                    hidden, weight, None, labels, -100, 1.0, softcap, tile_bytes, 1.0, ENTROPY if with_entropy else 0
                 )
                 (logps.sum() + (stats[0].sum() if with_entropy else 0)).backward()
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from typing import NamedTuple
 
 import torch
@@ -29,18 +29,35 @@ from fastpref.ops.linear_dpo import DPOParams, linear_dpo
 from fastpref.ops.linear_token_logps import linear_token_logps_op
 from fastpref.ops.pair_sigmoid import pair_sigmoid_op
 from fastpref.ops.token_logps import token_logps_op
-from fastpref.params import HeadParams
+from fastpref.params import ALL_STATS, STAT_NAMES, HeadParams, selected
 
 
 class TokenStats(NamedTuple):
     """Per-token statistics of the (scaled, softcapped, tempered) distribution; TRL's names. Each has
-    the labels' shape; 0 / False at ignored positions. Only `entropy` carries a gradient
-    (∂H/∂z = −p ⊙ (log p + H), for entropy bonuses); the others are detached."""
+    the labels' shape; 0 / False at ignored positions; None when it was not asked for (`return_stats`),
+    and then it cost nothing. Only `entropy` carries a gradient (∂H/∂z = −p ⊙ (log p + H), for entropy
+    bonuses); the others are detached."""
 
-    entropy: torch.Tensor
-    is_top1: torch.Tensor  # bool: the target is the argmax
-    mean_logit: torch.Tensor
-    log_sum_sq_probs: torch.Tensor  # log Σ_v p_v² (WPO weighting)
+    entropy: torch.Tensor | None
+    is_top1: torch.Tensor | None  # bool: the target is the argmax
+    mean_logit: torch.Tensor | None
+    log_sum_sq_probs: torch.Tensor | None  # log Σ_v p_v² (WPO weighting)
+
+
+def stats_selector(return_stats) -> int:
+    """return_stats -> the ops' selector (fastpref.params): False / None none, True all four, else a
+    TokenStats field name or a collection of them."""
+    if return_stats is None or isinstance(return_stats, bool):
+        return ALL_STATS if return_stats else 0
+    names = (return_stats,) if isinstance(return_stats, str) else return_stats
+    if not isinstance(names, Collection) or not all(isinstance(name, str) for name in names):
+        raise TypeError(
+            f"return_stats must be a bool, a statistic's name or a collection of names, got {return_stats!r}"
+        )
+    unknown = sorted(set(names) - set(STAT_NAMES))
+    if unknown:
+        raise ValueError(f"return_stats names unknown statistics {unknown}; choose among {list(STAT_NAMES)}")
+    return sum(1 << i for i, name in enumerate(STAT_NAMES) if name in names)
 
 
 def head_params(ignore_index, temperature, softcap, logit_scale=1.0) -> HeadParams:
@@ -76,8 +93,18 @@ def shares_memory(t: torch.Tensor) -> bool:
     return False
 
 
-def _stats(stats: torch.Tensor) -> TokenStats:
-    return TokenStats(stats[0], stats[1].bool(), stats[2].detach(), stats[3].detach())
+def token_stats(stats: torch.Tensor, selector: int, wanted: int | None = None) -> TokenStats:
+    """The ops' (k, ...) stats output of `selector` -> TokenStats of those `wanted` (default: all of
+    them; None where not wanted)."""
+    wanted = selector if wanted is None else wanted
+    rows = {name: row for name, row in zip(selected(selector), stats) if name in selected(wanted)}
+    entropy, is_top1, mean_logit, log_sum_sq = (rows.get(name) for name in STAT_NAMES)
+    return TokenStats(
+        entropy,
+        None if is_top1 is None else is_top1.bool(),
+        None if mean_logit is None else mean_logit.detach(),
+        None if log_sum_sq is None else log_sum_sq.detach(),
+    )
 
 
 def token_logps(
@@ -88,13 +115,14 @@ def token_logps(
     temperature: float = 1.0,
     softcap: float | None = None,
     logit_scale: float = 1.0,
-    return_stats: bool = False,
+    return_stats: bool | str | Collection[str] = False,
     inplace_backward: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, TokenStats]:
     """log p(label) per position, never holding an fp32 copy of the logits.
 
-    logits (..., V) float, labels (...) int -> (...) float32; with return_stats=True,
-    (logps, TokenStats) from the same pass. The logits become
+    logits (..., V) float, labels (...) int -> (...) float32; with return_stats, (logps, TokenStats)
+    from the same pass: True for all four statistics, or the names of those wanted (e.g. "entropy"):
+    the others are None and cost no work. The logits become
     z = softcap·tanh(logit_scale·raw/softcap) / temperature (logit_scale: a family's multiplier
     applied before the softcap, e.g. Cohere's). inplace_backward=True writes the gradient into the
     logits' own storage (no memory beyond lse): only when nothing else reads those logits later,
@@ -114,10 +142,9 @@ def token_logps(
             "inplace_backward=True needs logits whose elements do not share memory, got an expanded or "
             f"overlapping view (shape {tuple(logits.shape)}, strides {logits.stride()}); pass inplace_backward=False"
         )
-    logps, _lse, stats = token_logps_op(
-        logits, labels, *dataclasses.astuple(params), return_stats, inplace_backward
-    )
-    return (logps, _stats(stats)) if return_stats else logps
+    selector = stats_selector(return_stats)
+    logps, _lse, stats = token_logps_op(logits, labels, *dataclasses.astuple(params), selector, inplace_backward)
+    return logps if return_stats is False or return_stats is None else (logps, token_stats(stats, selector))
 
 
 def _check_linear(hidden, weight, labels, bias, ignore_index, temperature, softcap, logit_scale):
@@ -155,17 +182,18 @@ def linear_token_logps(
     temperature: float = 1.0,
     softcap: float | None = None,
     logit_scale: float = 1.0,
-    return_stats: bool = False,
+    return_stats: bool | str | Collection[str] = False,
 ) -> torch.Tensor | tuple[torch.Tensor, TokenStats]:
     """log p(label) per position from hidden states and the lm_head, without a (N, V) tensor.
 
     hidden (..., H), weight (V, H), labels (...), bias (V,) or None -> (...) float32 (with
-    return_stats=True, (logps, TokenStats)). Gradients flow to hidden, weight and bias.
-    Head options as in `token_logps`.
+    return_stats, (logps, TokenStats)). Gradients flow to hidden, weight and bias.
+    Head options and return_stats as in `token_logps`.
     """
     params, labels = _check_linear(hidden, weight, labels, bias, ignore_index, temperature, softcap, logit_scale)
-    logps, _lse, stats = linear_token_logps_op(hidden, weight, bias, labels, *dataclasses.astuple(params), return_stats)
-    return (logps, _stats(stats)) if return_stats else logps
+    selector = stats_selector(return_stats)
+    logps, _lse, stats = linear_token_logps_op(hidden, weight, bias, labels, *dataclasses.astuple(params), selector)
+    return logps if return_stats is False or return_stats is None else (logps, token_stats(stats, selector))
 
 
 def _check_values_mask(values, mask):
@@ -309,7 +337,8 @@ def linear_dpo_loss(
     bco_delta: float | None = None,
     ld_alpha: float | None = None,
     use_weighting: bool = False,
-) -> losses.PreferenceOutput:
+    return_stats: bool | str | Collection[str] = False,
+) -> losses.PreferenceOutput | tuple[losses.PreferenceOutput, TokenStats]:
     """DPO-family loss from hidden states and the lm_head, logits never held whole.
 
     hidden (M, T, H), weight (V, H), labels (M, T); sequences are chosen-then-rejected halves
@@ -318,7 +347,9 @@ def linear_dpo_loss(
     `ld_alpha` (LD-DPO) and `use_weighting` (WPO) as TRL's DPOConfig. `memory_budget` (bytes)
     bounds the logits held at once; below one pair's logits the two-pass mode runs.
     Returns PreferenceOutput(loss, chosen_rewards, rejected_rewards, chosen_logps, rejected_logps);
-    gradients flow to hidden, weight and bias.
+    gradients flow to hidden, weight and bias. With return_stats (as in `token_logps`), (output,
+    TokenStats) of the policy's tokens (M, T), from the loss's own pass over the logits, detached:
+    TRL's `entropy`, `mean_token_accuracy` and `logits/*` metrics at no extra GEMM.
     """
     check_tensor("hidden", hidden, floating=True)
     if hidden.dim() != 3:
@@ -354,10 +385,14 @@ def linear_dpo_loss(
     check_dpo_options(**loss_options)
     if use_weighting and is_batch_coupled(loss_type):
         raise ValueError("use_weighting cannot be combined with loss_type 'aot' / 'aot_unpaired', which sort pairs")
-    params = DPOParams(head, memory_budget, loss_options, ld_alpha, use_weighting)
-    return linear_dpo(
+    selector = stats_selector(return_stats)
+    params = DPOParams(head, memory_budget, loss_options, ld_alpha, use_weighting, selector)
+    out, stats = linear_dpo(
         hidden, weight, bias, labels, ref_chosen_logps, ref_rejected_logps, chosen_idx, rejected_idx, params
     )
+    if return_stats is False or return_stats is None:
+        return out
+    return out, token_stats(stats, params.pass_stats, wanted=selector)
 
 
 def _sigmoid_kernel_serves(tensor: torch.Tensor, *refs) -> bool:

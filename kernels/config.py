@@ -24,7 +24,7 @@ interpreter_configs = INTERPRETING
 # registers), 244 with 8 warps, 214 at 8192 columns and 8 warps, 197 at 8192 and 4 warps but with 168
 # registers; the backward 184 / 200 / 184 / 177 (56 registers).
 GPU_TILE = 4096
-GPU_TILE_WITH_STATS = 2048  # four per-lane sums instead of one: half the columns keeps them in registers
+GPU_TILE_WITH_STATS = 2048  # up to four per-lane sums instead of one: half the columns keeps them in registers
 GPU_MULTI_ROW_TILE = 1024
 INTERPRETER_TILE = 16384
 

@@ -10,7 +10,9 @@ Math, in base 2 (2^x is one MUFU.EX2 instruction; log2(e) is folded into one sca
   BLOCK_V columns per step, full blocks unmasked and one masked tail; per column lane the running
   Σ 2^x, rescaled by 2^(M_old − M) when the block max grows; the target logit by one clamped scalar
   load. logp = (u(r_y) − M − log2 s)·ln 2. lse is kept as (M, log2 s). Optional statistics from the
-  same read: entropy, is-argmax, mean logit, log Σp².
+  same read, each selected by a constexpr bit and absent from the compiled code when not selected:
+  entropy (a per-lane Σ 2^x·x), is-argmax (the max of the blocks before the target's), mean logit (Σ u),
+  log Σp² (Σ 2^(2x)).
 - backward, one program per BLOCK_ROWS rows: one read and one write of each row, p = 2^x/s (1/s
   folded into the row's constants), dz = dz'/dr·(g·(onehot(y) − p) − g_H·p·(log p + H)) (the
   entropy term only when its gradient is given); the onehot term is one scalar store per row after
@@ -33,7 +35,7 @@ import triton.language as tl
 
 from fastpref.kernels import config
 from fastpref.kernels.launch import launch
-from fastpref.params import HeadParams
+from fastpref.params import HeadParams, selected
 
 NEG = tl.constexpr(-1e30)  # a finite "minus infinity": tl.where evaluates both branches, and -inf - -inf is NaN
 LN2 = tl.constexpr(math.log(2.0))
@@ -92,9 +94,10 @@ def _row_offsets(rows, T, stride_b, stride_t):
 
 @triton.jit
 def _fold(r, in_row, m, new_m, s, p_dot_x, s2, f_sum, scale, tanh_scale, HAS_SOFTCAP: tl.constexpr,
-          WITH_STATS: tl.constexpr, MASKED: tl.constexpr):  # fmt: skip
+          STATS: tl.constexpr, MASKED: tl.constexpr):  # fmt: skip
     """One block of raw logits r (BLOCK_ROWS, BLOCK_V) into the per-lane sums, re-based from M = m
-    to M = new_m; MASKED: only the in_row lanes count."""
+    to M = new_m; MASKED: only the in_row lanes count. STATS selects the statistics' sums (bits of
+    fastpref.params: 1 entropy, 4 mean logit, 8 log Σp²; is-argmax needs none)."""
     f = _f(r, tanh_scale, HAS_SOFTCAP)
     x = tl.fma(f, scale, -new_m[:, None])
     e = _exp2(x)
@@ -102,12 +105,14 @@ def _fold(r, in_row, m, new_m, s, p_dot_x, s2, f_sum, scale, tanh_scale, HAS_SOF
         e = tl.where(in_row, e, 0.0)
     shift = (m - new_m)[:, None]  # ≤ 0
     rescale = _exp2(shift)
-    if WITH_STATS:
+    if STATS & 1:
         # old terms re-based on M': Σ 2^(x+shift)·(x + shift) = rescale·(Σ 2^x·x + shift·Σ 2^x)
         # (x = −inf where r = −inf, a masked column: its 2^x·x is 0, not NaN)
         p_dot_x = tl.fma(tl.fma(shift, s, p_dot_x), rescale, e * tl.maximum(x, NEG))
-        s2 = tl.fma(s2, rescale * rescale, e * e)
+    if STATS & 4:
         f_sum += f  # a masked lane loaded r = 0, and f(0) = 0
+    if STATS & 8:
+        s2 = tl.fma(s2, rescale * rescale, e * e)
     s = tl.fma(s, rescale, e)
     return s, p_dot_x, s2, f_sum
 
@@ -118,9 +123,9 @@ def _forward_kernel(
     labels_ptr, label_stride_b, label_stride_t,
     logps_ptr, lse_ptr, stats_ptr,
     n_rows, T, V, ignore_index, scale, tanh_scale,
-    HAS_SOFTCAP: tl.constexpr, WITH_STATS: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_V: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr, STATS: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_V: tl.constexpr,
 ):  # fmt: skip
-    # one program per BLOCK_ROWS token rows
+    # one program per BLOCK_ROWS token rows; STATS: the selected statistics (fastpref.params bits)
     rows, real = _rows(n_rows, BLOCK_ROWS)
     label = tl.load(labels_ptr + _row_offsets(rows, T, label_stride_b, label_stride_t))
     valid = real & (label != ignore_index)
@@ -131,32 +136,32 @@ def _forward_kernel(
     max_r = tl.full([BLOCK_ROWS], NEG, tl.float32)  # running max of the raw logits
     m = scale * _f(max_r, tanh_scale, HAS_SOFTCAP)  # M = u(max_r)
     s = tl.zeros([BLOCK_ROWS, BLOCK_V], tl.float32)  # per lane Σ 2^(u − M)
-    p_dot_x = tl.zeros([BLOCK_ROWS, BLOCK_V], tl.float32)  # per lane Σ 2^x·x, x = u − M
-    s2 = tl.zeros([BLOCK_ROWS, BLOCK_V], tl.float32)  # per lane Σ 2^(2x)
-    f_sum = tl.zeros([BLOCK_ROWS, BLOCK_V], tl.float32)  # per lane Σ u/A
+    p_dot_x = tl.zeros([BLOCK_ROWS, BLOCK_V], tl.float32)  # per lane Σ 2^x·x, x = u − M (entropy)
+    s2 = tl.zeros([BLOCK_ROWS, BLOCK_V], tl.float32)  # per lane Σ 2^(2x) (log Σp²)
+    f_sum = tl.zeros([BLOCK_ROWS, BLOCK_V], tl.float32)  # per lane Σ u/A (mean logit)
     max_before = tl.full([BLOCK_ROWS], NEG, tl.float32)  # max of the blocks before the target's
     target_block = (target_col // BLOCK_V) * BLOCK_V
     full_end = (V // BLOCK_V) * BLOCK_V
     if tl.max(valid.to(tl.int32), 0) > 0:  # a program of ignored rows reads nothing
         for start in range(0, full_end, BLOCK_V):
             r = tl.load(base + (start + cols) * stride_v).to(tl.float32)
-            if WITH_STATS:
+            if STATS & 2:
                 max_before = tl.where(target_block == start, max_r, max_before)
             new_max = tl.maximum(max_r, tl.max(r, 1))
             new_m = scale * _f(new_max, tanh_scale, HAS_SOFTCAP)
             s, p_dot_x, s2, f_sum = _fold(
-                r, cols, m, new_m, s, p_dot_x, s2, f_sum, scale, tanh_scale, HAS_SOFTCAP, WITH_STATS, False
+                r, cols, m, new_m, s, p_dot_x, s2, f_sum, scale, tanh_scale, HAS_SOFTCAP, STATS, False
             )
             max_r, m = new_max, new_m
         if full_end < V:  # the masked tail
             in_row = full_end + cols < V
             r = tl.load(base + (full_end + cols) * stride_v, mask=in_row, other=0.0).to(tl.float32)
-            if WITH_STATS:
+            if STATS & 2:
                 max_before = tl.where(target_block == full_end, max_r, max_before)
             new_max = tl.maximum(max_r, tl.max(tl.where(in_row, r, NEG), 1))
             new_m = scale * _f(new_max, tanh_scale, HAS_SOFTCAP)
             s, p_dot_x, s2, f_sum = _fold(
-                r, in_row, m, new_m, s, p_dot_x, s2, f_sum, scale, tanh_scale, HAS_SOFTCAP, WITH_STATS, True
+                r, in_row, m, new_m, s, p_dot_x, s2, f_sum, scale, tanh_scale, HAS_SOFTCAP, STATS, True
             )
             max_r, m = new_max, new_m
     total = tl.sum(s, 1)
@@ -167,20 +172,28 @@ def _forward_kernel(
     tl.store(logps_ptr + rows_out, tl.where(valid, (x_target - log2_s) * LN2, 0.0), mask=real)
     tl.store(lse_ptr + rows_out, m, mask=real)
     tl.store(lse_ptr + n_rows + rows_out, log2_s, mask=real)
-    if WITH_STATS:
+    # the selected statistics, one row of stats each, in STAT_NAMES order
+    out_ptr = stats_ptr + rows_out
+    if STATS & 1:
+        entropy = (log2_s - tl.sum(p_dot_x, 1) / tl.where(total > 0, total, 1.0)) * LN2
+        tl.store(out_ptr, tl.where(valid, entropy, 0.0), mask=real)
+        out_ptr += n_rows
+    if STATS & 2:
         # the target is the first argmax: no larger column, and none as large before it
         prefix = target_block[:, None] + cols
         before = valid[:, None] & (prefix < target_col[:, None])
         r_prefix = tl.load(base + prefix * stride_v, mask=before, other=0.0).to(tl.float32)
         max_before = tl.maximum(max_before, tl.max(tl.where(before, r_prefix, NEG), 1))
         is_top1 = valid & (r_target >= max_r) & (r_target > max_before)
-        entropy = (log2_s - tl.sum(p_dot_x, 1) / tl.where(total > 0, total, 1.0)) * LN2
+        tl.store(out_ptr, tl.where(is_top1, 1.0, 0.0), mask=real)
+        out_ptr += n_rows
+    if STATS & 4:
         mean_z = tl.sum(f_sum, 1) * (scale * LN2 / V)
+        tl.store(out_ptr, tl.where(valid, mean_z, 0.0), mask=real)
+        out_ptr += n_rows
+    if STATS & 8:
         log_sum_sq = (tl.log2(tl.where(valid, tl.sum(s2, 1), 1.0)) - 2 * log2_s) * LN2
-        tl.store(stats_ptr + rows_out, tl.where(valid, entropy, 0.0), mask=real)
-        tl.store(stats_ptr + n_rows + rows_out, tl.where(is_top1, 1.0, 0.0), mask=real)
-        tl.store(stats_ptr + 2 * n_rows + rows_out, tl.where(valid, mean_z, 0.0), mask=real)
-        tl.store(stats_ptr + 3 * n_rows + rows_out, tl.where(valid, log_sum_sq, 0.0), mask=real)
+        tl.store(out_ptr, tl.where(valid, log_sum_sq, 0.0), mask=real)
 
 
 @triton.jit
@@ -305,29 +318,30 @@ def _scales(params: HeadParams) -> tuple[float, float, float]:
     return softcap * LOG2E / temperature, 2 * LOG2E * scale / softcap, scale / temperature
 
 
-def logits_forward(logits, labels, params: HeadParams, with_stats: bool):
+def logits_forward(logits, labels, params: HeadParams, stats: int):
     """(..., V), (...) -> logps (...), lse (2, ...) as (M, log2 Σ 2^(u − M)) in the kernels' base-2
-    units, stats (4, ...) (entropy, is_top1, mean_logit, log_sum_sq_probs) or None."""
+    units, and the statistics the selector `stats` selects (k, ...) in STAT_NAMES order, or None."""
     n_lead = labels.dim()
     logits3 = _rows_view(logits, n_lead)
     labels2 = _rows_view(labels.unsqueeze(-1), n_lead).squeeze(-1)
     n_rows, T, V = labels.numel(), logits3.shape[1], logits3.shape[2]
     logps = torch.empty(labels.shape, dtype=torch.float32, device=logits.device)
     lse = torch.empty((2, *labels.shape), dtype=torch.float32, device=logits.device)
-    stats = torch.empty((4, *labels.shape), dtype=torch.float32, device=logits.device) if with_stats else None
+    n_stats = len(selected(stats))
+    out_stats = torch.empty((n_stats, *labels.shape), dtype=torch.float32, device=logits.device) if stats else None
     if n_rows:
-        cfg = config.row_config(V, with_stats)
+        cfg = config.row_config(V, stats != 0)
         scale, tanh_scale, _ = _scales(params)
         launch(
             _forward_kernel, (triton.cdiv(n_rows, cfg.block_rows),),
             logits3, logits3.stride(0), logits3.stride(1), logits3.stride(2),
             labels2, labels2.stride(0), labels2.stride(1),
-            logps, lse, logps if stats is None else stats,
+            logps, lse, logps if out_stats is None else out_stats,
             n_rows, T, V, params.ignore_index, scale, tanh_scale,
-            num_warps=cfg.num_warps, HAS_SOFTCAP=params.softcap is not None, WITH_STATS=with_stats,
+            num_warps=cfg.num_warps, HAS_SOFTCAP=params.softcap is not None, STATS=stats,
             BLOCK_ROWS=cfg.block_rows, BLOCK_V=cfg.block_v,
         )  # fmt: skip
-    return logps, lse, stats
+    return logps, lse, out_stats
 
 
 def logits_backward(

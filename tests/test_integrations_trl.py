@@ -40,8 +40,8 @@ def _assert_same_logs(stock, patched, rtol=FP32_RTOL):
         assert difference <= rtol * scale[key], (key, difference, scale[key])
 
 
-def _calls(monkeypatch) -> list[bool]:
-    """The return_stats flag of every fastpref.linear_token_logps call from here on."""
+def _calls(monkeypatch) -> list:
+    """The return_stats argument of every fastpref.linear_token_logps call from here on."""
     calls = []
     real = fastpref.linear_token_logps
 
@@ -53,15 +53,26 @@ def _calls(monkeypatch) -> list[bool]:
     return calls
 
 
+# the per-token statistics each TRL 1.16 trainer reads from its policy's fused head (TokenStats' names)
+READS = {
+    "sft": frozenset({"entropy", "is_top1"}),
+    "dpo": frozenset({"entropy", "mean_logit", "is_top1"}),
+    "kto": frozenset({"entropy", "mean_logit"}),
+    "grpo": frozenset({"entropy"}),
+    "rloo": frozenset({"entropy"}),
+}
+
+
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.smoke
 def test_patched_trainer_logs_what_stock_trl_logs(kind, monkeypatch):
     stock = trl_runs.stock_logs(kind)
     calls = _calls(monkeypatch)
     patched = trl_runs.logs(kind, True)
-    assert any(calls), "the policy's head is fastpref's"
-    if kind != "sft":  # the reference model's head is fastpref's too, asked for nothing but log-probs
-        assert not all(calls)
+    # the policy's head is fastpref's, asked for exactly the statistics the trainer reads; the reference
+    # model's head too, asked for nothing but log-probs
+    expected = {READS[kind]} if kind == "sft" else {READS[kind], False}
+    assert {frozenset(c) if c else False for c in calls} == expected, calls
     _assert_same_logs(stock, patched)
 
 

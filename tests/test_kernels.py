@@ -15,7 +15,7 @@ from assertions import assert_close
 from fastpref.kernels import config
 from fastpref.kernels import token_logps as kernels
 from fastpref.kernels.launch import KernelLaunchError, launch
-from fastpref.params import HeadParams
+from fastpref.params import ALL_STATS, ENTROPY, HeadParams, selected
 from tolerances import VS_FP64
 
 HEADS = [
@@ -46,7 +46,7 @@ def check_backward(logits, labels, params, dtype, with_entropy, in_place):
     """The launchers' forward and backward vs the reference's values and gradient under random
     upstream gradients of the log-probs (and of the entropy)."""
     rtol, atol = VS_FP64[dtype]
-    logps, lse, stats = kernels.logits_forward(logits, labels, params, with_stats=with_entropy)
+    logps, lse, stats = kernels.logits_forward(logits, labels, params, ENTROPY if with_entropy else 0)
     want_logps, want_entropy = reference(logits.detach().requires_grad_(), labels, params)
     assert_close(logps, want_logps, rtol=rtol, atol=atol, name="logps")
     g, g_entropy = torch.randn(labels.shape), torch.randn(labels.shape)
@@ -81,7 +81,7 @@ def test_small_blocks(monkeypatch, tile, vocab, params):
     labels = make_labels((2, 3), vocab)
     labels[0, 0] = logits[0, 0].argmax()  # one target that is the top-1
     labels[1, 2] = -100
-    logps, lse, stats = kernels.logits_forward(logits, labels, params, with_stats=True)
+    logps, lse, stats = kernels.logits_forward(logits, labels, params, ALL_STATS)
     want = ref.token_stats(logits * params.logit_scale, labels, temperature=params.temperature, softcap=params.softcap)
     assert_close(logps, reference(logits, labels, params)[0], rtol=1e-5, atol=1e-6, name="logps")
     for i, name in enumerate(("entropy", "is_top1", "mean_logit", "log_sum_sq_probs")):
@@ -89,6 +89,23 @@ def test_small_blocks(monkeypatch, tile, vocab, params):
     assert stats[1, 0, 0] == 1
     check_backward(logits, labels, params, torch.float32, with_entropy=True, in_place=True)
     check_backward(logits.half(), labels, params, torch.float16, with_entropy=False, in_place=False)
+
+
+@pytest.mark.parametrize("selector", range(1, ALL_STATS + 1))
+def test_each_selection_of_statistics_computes_exactly_those(monkeypatch, selector):
+    """Every subset of the four statistics: (k, ...) rows in STAT_NAMES order, equal to the reference's;
+    a multi-row program with a masked tail and a softcap."""
+    monkeypatch.setattr(config, "INTERPRETER_TILE", 64)
+    params = HEADS[2]
+    logits = torch.randn(2, 3, 97) * 3
+    labels = make_labels((2, 3), 97)
+    labels[0, 0] = logits[0, 0].argmax()
+    logps, _lse, stats = kernels.logits_forward(logits, labels, params, selector)
+    want = ref.token_stats(logits * params.logit_scale, labels, temperature=params.temperature, softcap=params.softcap)
+    assert stats.shape == (len(selected(selector)), 2, 3)
+    for row, name in zip(stats, selected(selector)):
+        assert_close(row, want[name].double(), rtol=1e-5, atol=1e-5, name=name)
+    assert_close(logps, reference(logits, labels, params)[0], rtol=1e-5, atol=1e-6, name="logps")
 
 
 @pytest.mark.smoke
@@ -99,7 +116,7 @@ def test_vocab_slices_of_the_backward(monkeypatch):
     logits = torch.randn(7, 300) * 3
     labels = make_labels((7,), 300)
     params = HeadParams(softcap=6.0)
-    _, lse, _ = kernels.logits_forward(logits, labels, params, with_stats=False)
+    _, lse, _ = kernels.logits_forward(logits, labels, params, 0)
     g = torch.randn(7)
     full = kernels.logits_backward(logits, labels, lse, g, params)
     sliced = dataclasses.replace(params, ignore_index=-1)
@@ -118,7 +135,7 @@ def test_backward_when_no_view_merges_the_leading_dims(in_place):
     logits = base.transpose(0, 1)
     labels = make_labels((2, 3, 4), 37)
     params = HeadParams(temperature=0.9)
-    _, lse, _ = kernels.logits_forward(logits, labels, params, with_stats=False)
+    _, lse, _ = kernels.logits_forward(logits, labels, params, 0)
     g = torch.randn(2, 3, 4)
     source = logits.detach().double().requires_grad_()
     (want,) = torch.autograd.grad(reference(source, labels, params)[0], source, g.double())
@@ -139,7 +156,7 @@ def test_minus_inf_columns(monkeypatch):
     labels = torch.randint(130, 200, (4,))
     params = HeadParams()
     check_backward(logits, labels, params, torch.float32, with_entropy=False, in_place=False)
-    logps, lse, stats = kernels.logits_forward(logits, labels, params, with_stats=True)
+    logps, lse, stats = kernels.logits_forward(logits, labels, params, ALL_STATS)
     assert_close(stats[0], reference(logits, labels, params)[1], rtol=1e-5, atol=1e-6, name="entropy")
     g, g_entropy = torch.randn(4), torch.randn(4)
     grad = kernels.logits_backward(logits, labels, lse, g, params, entropy=stats[0], grad_entropy=g_entropy)

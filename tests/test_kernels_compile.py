@@ -66,7 +66,7 @@ tensor = lambda dtype: {"tensor": dtype, "offset": 0}
 def record(n_rows, T, label_stride_b, label_stride_t, V=128256):
     args = [tensor("bfloat16"), T * V, V, 1, tensor("int64"), label_stride_b, label_stride_t,
             tensor("float32"), tensor("float32"), tensor("float32"), n_rows, T, V, -100, 1.44, 1.0]
-    kwargs = {"num_warps": 4, "HAS_SOFTCAP": False, "WITH_STATS": False, "BLOCK_ROWS": 1, "BLOCK_V": 4096}
+    kwargs = {"num_warps": 4, "HAS_SOFTCAP": False, "STATS": 0, "BLOCK_ROWS": 1, "BLOCK_V": 4096}
     return {"module": "fastpref.kernels.token_logps", "kernel": "_forward_kernel", "args": args, "kwargs": kwargs}
 assert class_key(record(4096, 1024, 1024, 1), 90) == class_key(record(4097, 1, 1025, 3), 90)
 assert class_key(record(4096, 1024, 1024, 1), 90) != class_key(record(4096, 1024, 1024, 1, V=50257), 90)

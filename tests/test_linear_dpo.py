@@ -293,3 +293,34 @@ def test_triton_backward_makes_each_dw_slice_in_one_gemm():
     rows, slices = backward_tiles(40000, 128256, 4096, 2, 64 << 20)  # too many rows: blocks of rows
     assert rows < 40000 and rows * max(c1 - c0 for c0, c1 in slices) * 2 <= 64 << 20
     assert backward_tiles(40000, 128256, 4096, 2, 64 << 20)[1] == backward_tiles(7, 128256, 4096, 2, 64 << 20)[1]
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("selection, use_weighting", [(True, False), (("entropy", "is_top1"), True), ("mean_logit", False)])
+def test_statistics_come_from_the_loss_pass(monkeypatch, mode, backend, selection, use_weighting):
+    """return_stats: the per-token statistics of every sequence (M, T), as the reference computes them from
+    the logits, from the loss's own pass (the same chunks, no other head forward); the loss and its
+    gradients are unchanged, the statistics not asked for are None (WPO's log Σp² too, which the pass uses)."""
+    monkeypatch.setenv("FASTPREF_BACKEND", backend)
+    hidden, weight, bias, labels, ref_c, ref_r = make_batch(torch.float32)
+    kwargs = {"memory_budget": MODES[mode](torch.float32), "softcap": 8.0, "use_weighting": use_weighting}
+    out, stats = fastpref.linear_dpo_loss(hidden, weight, labels, ref_c, ref_r, bias=bias, return_stats=selection, **kwargs)
+    plain = fastpref.linear_dpo_loss(hidden, weight, labels, ref_c, ref_r, bias=bias, **kwargs)
+    assert_close(out.loss, plain.loss, rtol=1e-6, atol=1e-7, name="loss")
+    got = torch.autograd.grad(out.loss, (hidden, weight, bias), torch.tensor(1.7))
+    expected = torch.autograd.grad(plain.loss, (hidden, weight, bias), torch.tensor(1.7))
+    for name, g, e in zip(("hidden", "weight", "bias"), got, expected):
+        assert_close(g, e, rtol=1e-5, atol=1e-6, name=f"grad {name}")
+    want = ref.token_stats(ref.linear_logits(hidden, weight, bias), labels, softcap=8.0)
+    names = fastpref.TokenStats._fields if selection is True else ({selection} if isinstance(selection, str) else selection)
+    for name in fastpref.TokenStats._fields:
+        value = getattr(stats, name)
+        if name not in names:
+            assert value is None, name
+            continue
+        assert value.shape == labels.shape and not value.requires_grad
+        if name == "is_top1":
+            assert torch.equal(value, want[name])
+        else:
+            assert_close(value, want[name], rtol=1e-5, atol=1e-5, name=name)

@@ -8,6 +8,7 @@ import fastpref
 import reference as ref
 from assertions import assert_close
 from fastpref.backends import torch_chunked, triton_backend
+from fastpref.ops.token_logps import token_logps_op
 from tolerances import VS_FP64
 
 DTYPES = [torch.float64, torch.float32, torch.float16]
@@ -352,3 +353,70 @@ def test_a_vocab_chunk_that_is_minus_inf_throughout(backend, masked_columns, mon
         assert torch.isfinite(out.loss) and torch.isfinite(out.chosen_logps).all()
         (grad,) = torch.autograd.grad(out.loss, hidden)
         assert torch.isfinite(grad).all()
+
+
+SELECTIONS = [("entropy",), ("is_top1", "mean_logit"), ("log_sum_sq_probs", "entropy"), "mean_logit", []]
+
+
+@pytest.mark.parametrize("selection", SELECTIONS)
+def test_selected_statistics_only(backend, selection):
+    """return_stats names the statistics wanted: those equal the reference, the others are None (and the
+    op's stats output holds only the selected rows); the entropy's gradient flows when selected with others."""
+    logits = logits_like((3, 5, 2053), torch.float32)
+    labels = make_labels((3, 5), 2053)
+    head = {"softcap": 20.0, "temperature": 0.8}
+    logps, stats = fastpref.token_logps(logits, labels, return_stats=selection, **head)
+    names = {selection} if isinstance(selection, str) else set(selection)
+    want = ref.token_stats(logits, labels, **head)
+    for name in fastpref.TokenStats._fields:
+        got = getattr(stats, name)
+        if name not in names:
+            assert got is None, name
+        elif name == "is_top1":
+            assert torch.equal(got, want[name])
+        else:
+            assert_close(got, want[name], rtol=1e-5, atol=1e-5, name=name)
+    selector = fastpref.api.stats_selector(selection)
+    op_stats = token_logps_op(logits.detach(), labels, -100, 0.8, 20.0, None, 1.0, selector, False)[2]
+    assert op_stats.shape == (len(names), 3, 5)
+    if "entropy" in names:
+        g_logps, g_entropy = torch.randn(3, 5), torch.randn(3, 5)
+        (got,) = torch.autograd.grad((logps, stats.entropy), logits, (g_logps, g_entropy))
+        want_logps = ref.token_logps(logits, labels, **head)
+        (expected,) = torch.autograd.grad((want_logps, want["entropy"]), logits, (g_logps.double(), g_entropy.double()))
+        assert_close(got, expected, rtol=1e-4, atol=1e-6, name="log-probs and entropy")
+
+
+@pytest.mark.parametrize("selection", SELECTIONS[:3])
+def test_linear_selected_statistics_only(tiles, selection):
+    hidden, weight, bias, labels = linear_inputs(3, 5, 24, 2053, torch.float32)
+    logps, stats = fastpref.linear_token_logps(hidden, weight, labels, bias=bias, return_stats=selection)
+    logits = ref.linear_logits(hidden, weight, bias)
+    want = ref.token_stats(logits, labels)
+    for name in fastpref.TokenStats._fields:
+        got = getattr(stats, name)
+        if name not in selection:
+            assert got is None, name
+        elif name == "is_top1":
+            assert torch.equal(got, want[name])
+        else:
+            assert_close(got, want[name], rtol=1e-5, atol=1e-5, name=name)
+    g_logps = torch.randn(3, 5)
+    outputs, upstream = [logps], [g_logps]
+    want_outputs, want_upstream = [ref.token_logps(logits, labels)], [g_logps.double()]
+    if "entropy" in selection:
+        g_entropy = torch.randn(3, 5)
+        outputs, upstream = outputs + [stats.entropy], upstream + [g_entropy]
+        want_outputs, want_upstream = want_outputs + [want["entropy"]], want_upstream + [g_entropy.double()]
+    got = torch.autograd.grad(outputs, (hidden, weight, bias), upstream)
+    expected = torch.autograd.grad(want_outputs, (hidden, weight, bias), want_upstream)
+    for name, g, e in zip(("hidden", "weight", "bias"), got, expected):
+        assert_close(g, e, rtol=1e-4, atol=1e-5, name=f"grad of {name}")
+
+
+def test_return_stats_names_are_checked():
+    logits, labels = torch.randn(2, 7), torch.tensor([1, 2])
+    with pytest.raises(ValueError, match="return_stats.*'top1'"):
+        fastpref.token_logps(logits, labels, return_stats=["entropy", "top1"])
+    with pytest.raises(TypeError, match="return_stats"):
+        fastpref.linear_token_logps(torch.randn(2, 3), torch.randn(7, 3), labels, return_stats=1)

@@ -28,7 +28,7 @@ import torch
 from torch.torch_version import TorchVersion
 
 from fastpref.backends.rows import valid_rows
-from fastpref.params import HeadParams
+from fastpref.params import ENTROPY, IS_TOP1, LOG_SUM_SQ_PROBS, MEAN_LOGIT, HeadParams, selected
 
 TILE_BYTES = 64 << 20  # fp32 bytes of one logits tile
 LINEAR_TILE_BYTES = 16 << 20  # the linear path's tile: its GEMMs run within 7% of a 64 MB tile's speed, in a CPU's L3
@@ -126,49 +126,52 @@ def _row_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 class _RowFold:
-    """Running log-sum-exp (and optional statistics) of r rows seen one vocab chunk at a time.
+    """Running log-sum-exp (and the statistics a selector asks for) of r rows seen one vocab chunk at a time.
 
     The log-sum-exp is kept as (max, log Σ exp(z − max)) and never added up, so that
     z − lse keeps fp32 precision for logits of ±1e4; the statistics are kept relative to max too.
     """
 
-    def __init__(self, n_cols: int, with_stats: bool):
+    def __init__(self, n_cols: int, stats: int):
         self.n_cols = n_cols
-        self.with_stats = with_stats
+        self.stats_wanted = stats
         self.max = None  # (r,) running max; None before the first chunk
 
     def add(self, z: torch.Tensor, y_local: torch.Tensor) -> None:
         """Fold a transformed tile z (r, c), consumed in place, whose targets sit at y_local (r,)."""
+        want = self.stats_wanted
         hit = (y_local >= 0) & (y_local < z.shape[1])
         picked = z.gather(1, y_local.clamp(0, z.shape[1] - 1)[:, None]).squeeze(1)
         # A chunk that is −inf throughout (a constrained-decoding mask) is empty: its max is clamped
         # to the lowest finite value, so that every shift below stays finite and its sum is 0.
         lowest = torch.finfo(z.dtype).min
-        if self.with_stats:
+        if want & IS_TOP1:
             chunk_max, chunk_argmax = z.max(1)  # the first maximum's column, as torch.argmax
-            chunk_max = chunk_max.clamp_(min=lowest)
             top_here = chunk_argmax == y_local  # the chunk's first maximum is the target
-            chunk_z_sum = z.sum(1)
         else:
-            chunk_max = z.amax(1).clamp_(min=lowest)
+            chunk_max = z.amax(1)
+        chunk_max = chunk_max.clamp_(min=lowest)
+        chunk_z_sum = z.sum(1) if want & MEAN_LOGIT else None
         shifted = z.sub_(chunk_max[:, None])
-        if self.with_stats:
+        if want & (ENTROPY | LOG_SUM_SQ_PROBS):
             exp = shifted.exp()
             chunk_sum = exp.sum(1)
-            # row-wise dot products (batched GEMVs): no tile-sized temporary
-            chunk_log_sum2 = _row_dot(exp, exp).log()  # log Σ exp(2(z − max))
+        else:
+            chunk_sum = shifted.exp_().sum(1)
+        # row-wise dot products (batched GEMVs): no tile-sized temporary
+        chunk_log_sum2 = _row_dot(exp, exp).log() if want & LOG_SUM_SQ_PROBS else None  # log Σ exp(2(z − max))
+        chunk_p_dot_z = None
+        if want & ENTROPY:
             # Σ softmax·(z − max) over the chunk; −inf columns (p = 0) add nothing (clamped: 0 · −inf is nan),
             # an empty chunk 0
             p_dot_z = _row_dot(exp, shifted.clamp_(min=lowest))
             chunk_p_dot_z = torch.where(chunk_sum > 0, p_dot_z / chunk_sum, 0.0)
-        else:
-            chunk_sum = shifted.exp_().sum(1)
         chunk_log_sum = chunk_sum.log()
         if self.max is None:
             self.max, self.log_sum = chunk_max, chunk_log_sum
             self.target = torch.where(hit, picked, 0.0)
-            if self.with_stats:
-                self.p_dot_z, self.log_sum2, self.z_sum = chunk_p_dot_z, chunk_log_sum2, chunk_z_sum
+            self.p_dot_z, self.log_sum2, self.z_sum = chunk_p_dot_z, chunk_log_sum2, chunk_z_sum
+            if want & IS_TOP1:
                 self.top_is_target = top_here
             return
         self.target = torch.where(hit, picked, self.target)
@@ -176,12 +179,15 @@ class _RowFold:
         old_shift, chunk_shift = self.max - new_max, chunk_max - new_max
         old, chunk = self.log_sum + old_shift, chunk_log_sum + chunk_shift
         new_log_sum = torch.logaddexp(old, chunk)
-        if self.with_stats:
+        if want & ENTROPY:
             self.p_dot_z = _share(old, new_log_sum) * (self.p_dot_z + old_shift) + _share(chunk, new_log_sum) * (
                 chunk_p_dot_z + chunk_shift
             )
+        if want & LOG_SUM_SQ_PROBS:
             self.log_sum2 = torch.logaddexp(self.log_sum2 + 2 * old_shift, chunk_log_sum2 + 2 * chunk_shift)
+        if want & MEAN_LOGIT:
             self.z_sum = self.z_sum + chunk_z_sum
+        if want & IS_TOP1:
             # a later chunk's maximum is the first maximum only when strictly greater
             self.top_is_target = torch.where(chunk_max > self.max, top_here, self.top_is_target)
         self.max, self.log_sum = new_max, new_log_sum
@@ -190,37 +196,40 @@ class _RowFold:
         return (self.target - self.max) - self.log_sum
 
     def stats(self) -> torch.Tensor:
-        """(4, r): entropy, is_top1 (0/1: the first argmax is the target, as torch.argmax),
-        mean logit, log Σp², in STAT_NAMES order."""
-        return torch.stack(
-            [
-                self.log_sum - self.p_dot_z,
-                (self.top_is_target & (self.target >= self.max)).to(self.max.dtype),
-                self.z_sum / self.n_cols,
-                self.log_sum2 - 2 * self.log_sum,
-            ]
-        )
+        """(k, r): the selected statistics in STAT_NAMES order: entropy, is_top1 (0/1: the first argmax
+        is the target, as torch.argmax), mean logit, log Σp²."""
+        want, rows = self.stats_wanted, []
+        if want & ENTROPY:
+            rows.append(self.log_sum - self.p_dot_z)
+        if want & IS_TOP1:
+            rows.append((self.top_is_target & (self.target >= self.max)).to(self.max.dtype))
+        if want & MEAN_LOGIT:
+            rows.append(self.z_sum / self.n_cols)
+        if want & LOG_SUM_SQ_PROBS:
+            rows.append(self.log_sum2 - 2 * self.log_sum)
+        return torch.stack(rows)
 
 
-def _fold_forward(tile: Callable, y, n_cols, like, params, with_stats, tile_bytes=None):
+def _fold_forward(tile: Callable, y, n_cols, like, params, stats: int, tile_bytes=None):
     """Walk rows x cols tiles given by tile(r0, r1, c0, c1) -> raw tile in the compute dtype, of
-    tile_bytes (None: TILE_BYTES) unless params say; return compact logps (n,), lse (2, n) and stats (4, n) or None."""
+    tile_bytes (None: TILE_BYTES) unless params say; return compact logps (n,), lse (2, n) and the
+    selected statistics (k, n) or None."""
     n = y.numel()
     cols = min(n_cols, VOCAB_CHUNK)
     logps, lse = like.new_empty(n), like.new_empty(2, n)
-    stats = like.new_empty(4, n) if with_stats else None
+    out_stats = like.new_empty(len(selected(stats)), n) if stats else None
     for r0, r1 in spans(n, rows_per_tile(cols, like.dtype, params, tile_bytes)):
-        fold = _RowFold(n_cols, with_stats)
+        fold = _RowFold(n_cols, stats)
         for c0, c1 in spans(n_cols, cols):
             fold.add(_transform_(tile(r0, r1, c0, c1), params), y[r0:r1] - c0)
         logps[r0:r1], lse[0, r0:r1], lse[1, r0:r1] = fold.logps(), fold.max, fold.log_sum
-        if with_stats:
-            stats[:, r0:r1] = fold.stats()
-    return logps, lse, stats
+        if stats:
+            out_stats[:, r0:r1] = fold.stats()
+    return logps, lse, out_stats
 
 
 def scatter_outputs(labels, pos, logps, lse, stats):
-    """Compact results -> full-shape logps (...), lse (2, ...), stats (4, ...); zeros elsewhere.
+    """Compact results -> full-shape logps (...), lse (2, ...), stats (k, ...) or None; zeros elsewhere.
     The positions ride on lse (`lse.valid_positions`), so that the op's backward needs no sync."""
     full_logps = logps.new_zeros(labels.shape)
     full_logps[pos] = logps
@@ -229,7 +238,7 @@ def scatter_outputs(labels, pos, logps, lse, stats):
     full_lse.valid_positions = pos
     full_stats = None
     if stats is not None:
-        full_stats = stats.new_zeros((4, *labels.shape))
+        full_stats = stats.new_zeros((stats.shape[0], *labels.shape))
         full_stats[(slice(None), *pos)] = stats
     return full_logps, full_lse, full_stats
 
@@ -237,9 +246,10 @@ def scatter_outputs(labels, pos, logps, lse, stats):
 # ----------------------------------------------------------------------------- logits path
 
 
-def logits_forward(logits, labels, params: HeadParams, with_stats: bool, pos=None):
-    """(..., V), (...) -> logps (...), lse (2, ...) as (max, log Σ exp(z − max)), stats (4, ...) or
-    None; fp32 (fp64 for fp64 inputs). pos: the valid positions (rows.valid_rows) when known."""
+def logits_forward(logits, labels, params: HeadParams, stats: int, pos=None):
+    """(..., V), (...) -> logps (...), lse (2, ...) as (max, log Σ exp(z − max)), the statistics the
+    selector `stats` selects (k, ...) or None; fp32 (fp64 for fp64 inputs). pos: the valid positions
+    (rows.valid_rows) when known."""
     pos = valid_rows(labels, params.ignore_index, logits.shape[-1]) if pos is None else pos
     y = labels[pos]
     cdt = compute_dtype(logits.dtype)
@@ -248,7 +258,7 @@ def logits_forward(logits, labels, params: HeadParams, with_stats: bool, pos=Non
     def tile(r0, r1, c0, c1):
         return logits[(*(p[r0:r1] for p in pos), slice(c0, c1))].to(cdt)
 
-    return scatter_outputs(labels, pos, *_fold_forward(tile, y, logits.shape[-1], like, params, with_stats))
+    return scatter_outputs(labels, pos, *_fold_forward(tile, y, logits.shape[-1], like, params, stats))
 
 
 def _entropy_terms(pos, entropy, grad_entropy, cdt):
@@ -314,8 +324,8 @@ def accumulate_matmul_(acc, a, b) -> None:
         acc.addmm_(a.to(acc.dtype), b.to(acc.dtype))
 
 
-def linear_forward(hidden, weight, bias, labels, params: HeadParams, with_stats: bool, pos=None):
-    """(..., H), (V, H), (V,) or None, (...) -> logps (...), lse (2, ...), stats (4, ...) or None."""
+def linear_forward(hidden, weight, bias, labels, params: HeadParams, stats: int, pos=None):
+    """(..., H), (V, H), (V,) or None, (...) -> logps (...), lse (2, ...), selected stats (k, ...) or None."""
     pos = valid_rows(labels, params.ignore_index, weight.shape[0]) if pos is None else pos
     y, h = labels[pos], hidden[pos]
     cdt = compute_dtype(hidden.dtype)
@@ -324,7 +334,7 @@ def linear_forward(hidden, weight, bias, labels, params: HeadParams, with_stats:
     def tile(r0, r1, c0, c1):
         return _linear_tile(h[r0:r1], weight, bias, c0, c1, cdt)
 
-    folded = _fold_forward(tile, y, weight.shape[0], like, params, with_stats, LINEAR_TILE_BYTES)
+    folded = _fold_forward(tile, y, weight.shape[0], like, params, stats, LINEAR_TILE_BYTES)
     return scatter_outputs(labels, pos, *folded)
 
 
@@ -385,31 +395,49 @@ def linear_backward(
     return dh, dw, db
 
 
-def linear_rows_fused(
-    h_rows, weight, bias, y, params: HeadParams, token_grads: Callable, dw_acc, db_acc, with_log_sum_sq: bool
-):
+def _fused_stats(z, y, stats: int):
+    """The statistics a selector asks for that need the transformed tile z (r, V) before it is shifted:
+    (row max (r,), [is_top1 (r,)], [mean logit (r,)])."""
+    if stats & IS_TOP1:
+        row_max, argmax = z.max(1)  # the first maximum's column, as torch.argmax
+        top1 = [(argmax == y).to(z.dtype)]
+    else:
+        row_max, top1 = z.amax(1), []
+    return row_max, top1, [z.sum(1) / z.shape[1]] if stats & MEAN_LOGIT else []
+
+
+def linear_rows_fused(h_rows, weight, bias, y, params: HeadParams, token_grads: Callable, dw_acc, db_acc, stats: int):
     """One pass over the logits of r rows, held whole as one (r, V) tile: 3 GEMMs.
 
-    h_rows (r, H), y (r,) valid targets. token_grads(logps (r,), log_sum_sq_probs (r,) or None)
-    returns the upstream gradient g (r,) of each token's log-prob (the loss step of a pair chunk).
-    log Σp² is computed only when with_log_sum_sq. Accumulates
-    dW into dw_acc (V, H) and db into db_acc (V,) when they are not None; returns dh_rows (r, H)
-    in the compute dtype.
+    h_rows (r, H), y (r,) valid targets. token_grads(logps (r,), stats (k, r) or None) returns the
+    upstream gradient g (r,) of each token's log-prob (the loss step of a pair chunk); stats are the
+    statistics the selector `stats` asks for, from the same tile. Accumulates dW into dw_acc (V, H) and
+    db into db_acc (V,) when they are not None; returns dh_rows (r, H) in the compute dtype and the stats.
     """
     cdt, dt = compute_dtype(h_rows.dtype), h_rows.dtype
     z = _transform_(_linear_tile(h_rows, weight, bias, 0, weight.shape[0], cdt), params)
     slope = None  # dz'/draw per logit under a softcap, read from the transformed tile before it is overwritten
     if params.softcap is not None:
         slope = (z * (params.temperature / params.softcap)).square_().neg_().add_(1.0).mul_(_raw_slope(params))
-    row_max = z.amax(1)
+    row_max, top1, mean_logit = _fused_stats(z, y, stats)
     picked = z.gather(1, y[:, None]).squeeze(1) - row_max
-    # the tile becomes exp(z − max) in place, then the gradient: no second tile (the softmax is exp / Σ exp)
-    probs = z.sub_(row_max[:, None]).exp_()
+    shifted = z.sub_(row_max[:, None])
+    if stats & ENTROPY:  # Σ p·(z − max) needs z − max beside its exp: one more tile
+        probs = shifted.exp()
+        p_dot_z = _row_dot(probs, shifted)
+        del shifted, z
+    else:
+        # the tile becomes exp(z − max) in place, then the gradient: no second tile (the softmax is exp / Σ exp)
+        probs = shifted.exp_()
     total = probs.sum(1)
     log_sum = total.log()
     logps = picked - log_sum
-    log_sum_sq = _row_dot(probs, probs).log() - 2 * log_sum if with_log_sum_sq else None
-    g = token_grads(logps, log_sum_sq).to(cdt)
+    rows = [log_sum - p_dot_z / total] if stats & ENTROPY else []
+    rows += top1 + mean_logit
+    if stats & LOG_SUM_SQ_PROBS:
+        rows.append(_row_dot(probs, probs).log() - 2 * log_sum)
+    out_stats = torch.stack(rows) if rows else None
+    g = token_grads(logps, out_stats).to(cdt)
     dz = probs.mul_((-g / total)[:, None])  # dz' = g · (onehot(y) − p)
     dz.scatter_add_(1, y[:, None], g[:, None])
     if slope is not None:
@@ -421,4 +449,4 @@ def linear_rows_fused(
         accumulate_matmul_(dw_acc, dz.T, h_rows)  # dW += dzᵀ · h
     if db_acc is not None:
         db_acc += dz.sum(0)  # db += Σ_rows dz
-    return dz @ weight  # dh = dz · W
+    return dz @ weight, out_stats  # dh = dz · W

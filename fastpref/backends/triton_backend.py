@@ -35,7 +35,7 @@ import torch
 from fastpref.backends import rows, torch_chunked
 from fastpref.backends.torch_chunked import accumulate_matmul_, scatter_outputs, spans
 from fastpref.kernels import token_logps as kernels
-from fastpref.params import HeadParams
+from fastpref.params import HeadParams, selected
 
 ROW_ALIGN = 16  # elements: logits rows padded to this, so 2-byte loads stay 32-byte aligned
 TILE_BYTES = 512 << 20  # bytes of one (rows, cols) logits tile in the inputs' dtype (HeadParams.tile_bytes: None)
@@ -54,11 +54,11 @@ def _entropy(entropy, grad_entropy, r0: int = 0, r1: int | None = None) -> dict:
     return {} if grad_entropy is None else {"entropy": entropy[r0:r1], "grad_entropy": grad_entropy[r0:r1]}
 
 
-def logits_forward(logits, labels, params: HeadParams, with_stats: bool):
+def logits_forward(logits, labels, params: HeadParams, stats: int):
     if _backend(logits) is torch_chunked:
-        return torch_chunked.logits_forward(logits, labels, params, with_stats)
+        return torch_chunked.logits_forward(logits, labels, params, stats)
     rows.check_labels(labels, params.ignore_index, logits.shape[-1])
-    return kernels.logits_forward(logits, labels, params, with_stats)
+    return kernels.logits_forward(logits, labels, params, stats)
 
 
 def logits_backward(
@@ -125,25 +125,25 @@ def forward_rows(n_vocab: int, itemsize: int, tile_bytes: int, has_bias: bool = 
     return max(1, tile_bytes // (padded_width(n_vocab, has_bias) * itemsize))
 
 
-def linear_forward(hidden, weight, bias, labels, params: HeadParams, with_stats: bool, pos=None):
-    """(..., H), (V, H), (V,) or None, (...) -> logps (...), lse (2, ...), stats (4, ...) or None.
-    pos: the valid positions when the caller has them (no sync)."""
+def linear_forward(hidden, weight, bias, labels, params: HeadParams, stats: int, pos=None):
+    """(..., H), (V, H), (V,) or None, (...) -> logps (...), lse (2, ...), the selected stats (k, ...) or
+    None. pos: the valid positions when the caller has them (no sync)."""
     if hidden.dtype == torch.float64:
-        return torch_chunked.linear_forward(hidden, weight, bias, labels, params, with_stats, pos=pos)
+        return torch_chunked.linear_forward(hidden, weight, bias, labels, params, stats, pos=pos)
     n_vocab = weight.shape[0]
     pos = rows.valid_rows(labels, params.ignore_index, n_vocab) if pos is None else pos
     y, h = labels[pos], hidden[pos]
     n = y.numel()
     logps = h.new_empty(n, dtype=torch.float32)
     lse = h.new_empty(2, n, dtype=torch.float32)
-    stats = h.new_empty(4, n, dtype=torch.float32) if with_stats else None
+    out_stats = h.new_empty(len(selected(stats)), n, dtype=torch.float32) if stats else None
     rows_per_chunk = forward_rows(n_vocab, hidden.element_size(), _tile_bytes(params), bias is not None)
     for r0, r1 in spans(n, rows_per_chunk):
-        chunk = kernels.logits_forward(_logits(h[r0:r1], weight, bias), y[r0:r1], params, with_stats)
+        chunk = kernels.logits_forward(_logits(h[r0:r1], weight, bias), y[r0:r1], params, stats)
         logps[r0:r1], lse[:, r0:r1] = chunk[0], chunk[1]
-        if with_stats:
-            stats[:, r0:r1] = chunk[2]
-    return scatter_outputs(labels, pos, logps, lse, stats)
+        if stats:
+            out_stats[:, r0:r1] = chunk[2]
+    return scatter_outputs(labels, pos, logps, lse, out_stats)
 
 
 def slice_width(n_hidden: int, budget: int) -> int:
@@ -230,17 +230,14 @@ def _carry_(dz, h_rows, weight, dw_acc, db_acc):
     return dz @ weight
 
 
-def linear_rows_fused(
-    h_rows, weight, bias, y, params: HeadParams, token_grads: Callable, dw_acc, db_acc, with_log_sum_sq: bool
-):
-    """One pass over the (r, V) logits of r rows: GEMM, row kernels forward, the loss step
-    (token_grads), row kernels backward in place, two GEMMs. As torch_chunked.linear_rows_fused."""
+def linear_rows_fused(h_rows, weight, bias, y, params: HeadParams, token_grads: Callable, dw_acc, db_acc, stats: int):
+    """One pass over the (r, V) logits of r rows: GEMM, row kernels forward (with the selected
+    statistics), the loss step (token_grads), row kernels backward in place, two GEMMs. As
+    torch_chunked.linear_rows_fused: returns (dh_rows, stats (k, r) or None)."""
     if h_rows.dtype == torch.float64:
-        return torch_chunked.linear_rows_fused(
-            h_rows, weight, bias, y, params, token_grads, dw_acc, db_acc, with_log_sum_sq
-        )
+        return torch_chunked.linear_rows_fused(h_rows, weight, bias, y, params, token_grads, dw_acc, db_acc, stats)
     z = _logits(h_rows, weight, bias)
-    logps, lse, stats = kernels.logits_forward(z, y, params, with_log_sum_sq)
-    g = token_grads(logps, stats[3] if with_log_sum_sq else None)
+    logps, lse, out_stats = kernels.logits_forward(z, y, params, stats)
+    g = token_grads(logps, out_stats)
     dz = _backward_in_place(z, y, lse, g.float(), params)
-    return _carry_(dz, h_rows, weight, dw_acc, db_acc)
+    return _carry_(dz, h_rows, weight, dw_acc, db_acc), out_stats

@@ -187,7 +187,7 @@ def head_log_probs(model, hidden, labels, contract: HeadContract):
                 softcap=head.softcap,
                 logit_scale=head.logit_scale,
                 temperature=contract.temperature,
-                return_stats=bool(contract.outputs),
+                return_stats=tuple(_STAT_FIELDS[name] for name in contract.outputs) or False,
             )
     log_probs, stats = out if contract.outputs else (out, None)
     if is_deepspeed_zero3_enabled() and torch.is_grad_enabled():

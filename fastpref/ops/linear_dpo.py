@@ -31,7 +31,7 @@ from fastpref.backends import backend_for, rows, triton_backend
 from fastpref.backends.torch_chunked import compute_dtype
 from fastpref.losses import PreferenceOutput, dpo_pair_losses, is_batch_coupled, ld_token_weights, wpo_weights
 from fastpref.ops.linear_token_logps import linear_token_logps_op
-from fastpref.params import HeadParams
+from fastpref.params import LOG_SUM_SQ_PROBS, HeadParams, selected, stat_row
 
 @dataclass(frozen=True)
 class DPOParams:
@@ -42,6 +42,12 @@ class DPOParams:
     loss_options: dict = field(default_factory=dict)  # keyword arguments of dpo_pair_losses
     ld_alpha: float | None = None
     use_weighting: bool = False
+    stats: int = 0  # the per-token statistics the caller asked for (fastpref.params selector)
+
+    @property
+    def pass_stats(self) -> int:
+        """The statistics the pass computes: the caller's, and log Σp² for WPO's weights."""
+        return self.stats | (LOG_SUM_SQ_PROBS if self.use_weighting else 0)
 
 
 def pair_losses(tok_c, tok_r, lss_c, lss_r, lab_c, lab_r, ref_c, ref_r, params: DPOParams, batch_totals=(None, None)):
@@ -173,7 +179,7 @@ class LinearDPO(torch.autograd.Function):
     """Single-pass fused loss. Inputs: hidden (M, T, H), weight (V, H), bias (V,) or None,
     labels (M, T), ref_chosen / ref_rejected (B,) or None, chosen_idx / rejected_idx (B,) into M,
     params, and the host `Plan`. Outputs: loss (), and, not differentiable, chosen/rejected rewards
-    and log-probs (B,). Gradients are computed in forward and only scaled in backward, which is
+    and log-probs (B,) and the statistics of params.pass_stats (k, M, T) (0 at ignored positions). Gradients are computed in forward and only scaled in backward, which is
     therefore not itself differentiable (create_graph=True raises)."""
 
     @staticmethod
@@ -193,6 +199,7 @@ class LinearDPO(torch.autograd.Function):
         db_acc = torch.zeros_like(bias, dtype=cdt) if need_b else None
         d_ref = [torch.zeros_like(ref) if need else None for ref, need in ((ref_c, need_ref_c), (ref_r, need_ref_r))]
         outputs = [hidden.new_empty(n_pairs, dtype=cdt) for _ in range(5)]  # loss, rewards, logps
+        token_stats = hidden.new_zeros((len(selected(params.pass_stats)), *labels.shape), dtype=cdt)
 
         for p0, p1 in _pair_chunks(rows_per_pair, max_rows):
             seqs = torch.cat([chosen_idx[p0:p1], rejected_idx[p0:p1]])
@@ -203,7 +210,7 @@ class LinearDPO(torch.autograd.Function):
                 i, t = rows.positions(lab != head.ignore_index, sum(rows_per_pair[p0:p1]))
             refs = [_slice(ref, p0, p1) for ref in (ref_c, ref_r)]
 
-            def token_grads(logps, log_sum_sq, p0=p0, p1=p1, lab=lab, i=i, t=t, refs=refs):
+            def token_grads(logps, stats, p0=p0, p1=p1, lab=lab, i=i, t=t, refs=refs):
                 with torch.enable_grad():
                     leaf = logps.detach().requires_grad_()
                     ref_leaves = [None if d is None else ref.detach().requires_grad_() for ref, d in zip(refs, d_ref)]
@@ -211,6 +218,7 @@ class LinearDPO(torch.autograd.Function):
                     b = p1 - p0
                     lss_c = lss_r = None
                     if params.use_weighting:
+                        log_sum_sq = stats[stat_row(params.pass_stats, LOG_SUM_SQ_PROBS)]
                         dense_lss = log_sum_sq.new_zeros(lab.shape).index_put((i, t), log_sum_sq)
                         lss_c, lss_r = dense_lss[:b], dense_lss[b:]
                     ref_values = [ref if leaf_ is None else leaf_ for ref, leaf_ in zip(refs, ref_leaves)]
@@ -225,9 +233,11 @@ class LinearDPO(torch.autograd.Function):
                     out[p0:p1] = value.detach()
                 return grads[0]
 
-            dh_rows = backend.linear_rows_fused(
-                hidden[seqs[i], t], weight, bias, lab[i, t], head, token_grads, dw_acc, db_acc, params.use_weighting
+            dh_rows, chunk_stats = backend.linear_rows_fused(
+                hidden[seqs[i], t], weight, bias, lab[i, t], head, token_grads, dw_acc, db_acc, params.pass_stats
             )
+            if chunk_stats is not None:
+                token_stats[:, seqs[i], t] = chunk_stats
             if need_h:
                 dh.index_put_((seqs[i], t), dh_rows.to(hidden.dtype), accumulate=True)
 
@@ -239,8 +249,8 @@ class LinearDPO(torch.autograd.Function):
         )
         ctx.in_place = backend is triton_backend and hidden.dtype != torch.float64
         losses, *metrics = outputs
-        ctx.mark_non_differentiable(*metrics)
-        return (losses.sum() / n_pairs).to(torch.promote_types(hidden.dtype, torch.float32)), *metrics
+        ctx.mark_non_differentiable(*metrics, token_stats)
+        return (losses.sum() / n_pairs).to(torch.promote_types(hidden.dtype, torch.float32)), *metrics, token_stats
 
     @staticmethod
     def backward(ctx, grad_loss, *_):
@@ -283,21 +293,23 @@ def two_pass_dpo(
     Without gradients (evaluation, `no_grad`, `inference_mode`) it is the forward alone: one GEMM."""
     head = dataclasses.replace(params.head, tile_bytes=two_pass_tile_bytes(hidden, params.memory_budget))
     tok, _lse, stats = linear_token_logps_op(
-        hidden, weight, bias, labels, *dataclasses.astuple(head), params.use_weighting, host.n_valid
+        hidden, weight, bias, labels, *dataclasses.astuple(head), params.pass_stats, host.n_valid
     )
     lss_c = lss_r = None
     if params.use_weighting:
-        lss_c, lss_r = stats[3][chosen_idx], stats[3][rejected_idx]
+        log_sum_sq = stats[stat_row(params.pass_stats, LOG_SUM_SQ_PROBS)]
+        lss_c, lss_r = log_sum_sq[chosen_idx], log_sum_sq[rejected_idx]
     losses, *metrics = pair_losses(
         tok[chosen_idx], tok[rejected_idx], lss_c, lss_r,
         labels[chosen_idx], labels[rejected_idx], ref_c, ref_r, params,
     )  # fmt: skip
-    return losses.mean(), *metrics
+    return losses.mean(), *metrics, stats.detach()
 
 
 def linear_dpo(hidden, weight, bias, labels, ref_c, ref_r, chosen_idx, rejected_idx, params: DPOParams):
     """Choose the single pass where gradients are wanted, the loss decomposes over pairs and one pair
-    fits the budget; otherwise the two passes (the forward alone without gradients)."""
+    fits the budget; otherwise the two passes (the forward alone without gradients). Returns the
+    PreferenceOutput and the per-token statistics of params.pass_stats (k, M, T), detached."""
     host = plan(labels, chosen_idx, rejected_idx, weight.shape[0], params.head.ignore_index)
     inputs = (hidden, weight, bias, labels, ref_c, ref_r, chosen_idx, rejected_idx, params)
     differentiable = (hidden, weight, bias, ref_c, ref_r)
@@ -308,5 +320,7 @@ def linear_dpo(hidden, weight, bias, labels, ref_c, ref_r, chosen_idx, rejected_
     max_rows = max(host.rows(chosen_idx.numel(), labels.shape[1]), default=0)
     fits = max_rows <= fused_rows_budget(hidden, weight.shape[0], params.memory_budget)
     if wants_grad and fits and not batch_coupled:
-        return PreferenceOutput(*LinearDPO.apply(*inputs, host))
-    return PreferenceOutput(*two_pass_dpo(*inputs, host))
+        *out, stats = LinearDPO.apply(*inputs, host)
+    else:
+        *out, stats = two_pass_dpo(*inputs, host)
+    return PreferenceOutput(*out), stats

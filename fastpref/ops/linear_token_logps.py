@@ -12,7 +12,7 @@ from torch import Tensor
 
 from fastpref.backends import backend_for, rows
 from fastpref.ops.token_logps import entropy_grad_terms
-from fastpref.params import HeadParams
+from fastpref.params import ENTROPY, HeadParams, selected
 
 
 @torch.library.custom_op("fastpref::linear_token_logps", mutates_args=())
@@ -26,23 +26,23 @@ def linear_token_logps_op(
     softcap: Optional[float],
     tile_bytes: Optional[int],
     logit_scale: float,
-    with_stats: bool,
+    stats: int,
     n_valid: Optional[int] = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """(..., H), (V, H), (V,) or None, (...) -> logps (...), lse (2, ...), stats (4, ...) or (0,).
+    """(..., H), (V, H), (V,) or None, (...) -> logps (...), lse (2, ...), the stats the selector `stats` selects (k, ...).
     n_valid: the number of valid labels, when the caller has counted (and range-checked) them."""
     params = HeadParams(ignore_index, temperature, softcap, tile_bytes, logit_scale)
     pos = rows.valid_rows(labels, ignore_index, weight.shape[0], n_valid)
-    logps, lse, stats = backend_for(hidden).linear_forward(hidden, weight, bias, labels, params, with_stats, pos=pos)
+    logps, lse, out_stats = backend_for(hidden).linear_forward(hidden, weight, bias, labels, params, stats, pos=pos)
     lse.valid_positions = pos  # for the backward (setup_context): no second sync
-    return logps, lse, logps.new_empty(0) if stats is None else stats
+    return logps, lse, logps.new_empty(0, *labels.shape) if out_stats is None else out_stats
 
 
 @linear_token_logps_op.register_fake
-def _(hidden, weight, bias, labels, ignore_index, temperature, softcap, tile_bytes, logit_scale, with_stats,
+def _(hidden, weight, bias, labels, ignore_index, temperature, softcap, tile_bytes, logit_scale, stats,
       n_valid=None):  # fmt: skip
     dtype = torch.promote_types(hidden.dtype, torch.float32)
-    stats_shape = (4, *labels.shape) if with_stats else (0,)
+    stats_shape = (len(selected(stats)), *labels.shape)
     return (
         hidden.new_empty(labels.shape, dtype=dtype),
         hidden.new_empty((2, *labels.shape), dtype=dtype),
@@ -87,16 +87,18 @@ def _(hidden, weight, bias, labels, lse, grad_logps, entropy, grad_entropy, igno
 
 
 def _setup_context(ctx, inputs, output):
-    hidden, weight, bias, labels, *options, _with_stats, _n_valid = inputs
+    hidden, weight, bias, labels, *options, stats, _n_valid = inputs
     ctx.save_for_backward(hidden, weight, bias, labels, output[1], output[2])
     ctx.options = options
     positions = getattr(output[1], "valid_positions", None)  # absent on traced (fake) outputs
     ctx.positions = [] if positions is None else list(positions)
+    ctx.with_entropy = bool(stats & ENTROPY)  # the only statistic with a gradient, stats[0] when selected
     ctx.set_materialize_grads(False)
     ctx.mark_non_differentiable(output[1])
 
 
 def _backward(ctx, grad_logps, _grad_lse, grad_stats):
+    grad_stats = grad_stats if ctx.with_entropy else None
     hidden, weight, bias, labels, lse, stats = ctx.saved_tensors
     needs = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], bias is not None and ctx.needs_input_grad[2]]
     no_grads = (None,) * (4 + len(ctx.options) + 2)  # one per input of linear_token_logps_op

@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 
 from fastpref.backends import backend_for
-from fastpref.params import HeadParams
+from fastpref.params import ENTROPY, HeadParams, selected
 
 
 def _params(ignore_index, temperature, softcap, tile_bytes, logit_scale) -> HeadParams:
@@ -26,20 +26,20 @@ def token_logps_op(
     softcap: Optional[float],
     tile_bytes: Optional[int],
     logit_scale: float,
-    with_stats: bool,
+    stats: int,
     inplace_backward: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """(..., V), (...) -> logps (...), lse (2, ...), stats (4, ...) or (0,); fp32 (fp64 for fp64).
+    """(..., V), (...) -> logps (...), lse (2, ...), the stats the selector `stats` selects (k, ...); fp32 (fp64 for fp64).
     With inplace_backward, the backward writes the gradient into the logits' storage."""
     params = _params(ignore_index, temperature, softcap, tile_bytes, logit_scale)
-    logps, lse, stats = backend_for(logits).logits_forward(logits, labels, params, with_stats)
-    return logps, lse, logps.new_empty(0) if stats is None else stats
+    logps, lse, out_stats = backend_for(logits).logits_forward(logits, labels, params, stats)
+    return logps, lse, logps.new_empty(0, *labels.shape) if out_stats is None else out_stats
 
 
 @token_logps_op.register_fake
-def _(logits, labels, ignore_index, temperature, softcap, tile_bytes, logit_scale, with_stats, inplace_backward):
+def _(logits, labels, ignore_index, temperature, softcap, tile_bytes, logit_scale, stats, inplace_backward):
     dtype = torch.promote_types(logits.dtype, torch.float32)
-    stats_shape = (4, *labels.shape) if with_stats else (0,)
+    stats_shape = (len(selected(stats)), *labels.shape)
     return (
         logits.new_empty(labels.shape, dtype=dtype),
         logits.new_empty((2, *labels.shape), dtype=dtype),
@@ -107,18 +107,20 @@ def _(logits, labels, lse, grad_logps, entropy, grad_entropy, *options):
 
 
 def _setup_context(ctx, inputs, output):
-    logits, labels, *options, _with_stats, inplace_backward = inputs
+    logits, labels, *options, stats, inplace_backward = inputs
     ctx.save_for_backward(logits, labels, output[1], output[2])
     ctx.options, ctx.inplace_backward = options, inplace_backward
     positions = getattr(output[1], "valid_positions", None)  # absent on traced (fake) outputs
     ctx.positions = [] if positions is None else list(positions)
+    ctx.with_entropy = bool(stats & ENTROPY)  # the only statistic with a gradient, stats[0] when selected
     ctx.set_materialize_grads(False)
     ctx.mark_non_differentiable(output[1])
 
 
 def entropy_grad_terms(grad_logps, grad_stats, logps_like, stats):
-    """(grad_logps, entropy, grad_entropy) for a backward: only the entropy (stats[0]) carries a
-    gradient among the statistics; grad_logps is zeros when only the entropy was differentiated."""
+    """(grad_logps, entropy, grad_entropy) for a backward: only the entropy (stats[0] when selected) carries
+    a gradient among the statistics; grad_logps is zeros when only the entropy was differentiated.
+    grad_stats: None unless the entropy was selected and differentiated."""
     if grad_stats is None:
         return grad_logps, None, None
     if grad_logps is None:
@@ -127,6 +129,7 @@ def entropy_grad_terms(grad_logps, grad_stats, logps_like, stats):
 
 
 def _backward(ctx, grad_logps, _grad_lse, grad_stats):
+    grad_stats = grad_stats if ctx.with_entropy else None
     no_grads = (None,) * 9
     if (grad_logps is None and grad_stats is None) or not ctx.needs_input_grad[0]:
         return no_grads

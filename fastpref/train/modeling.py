@@ -252,21 +252,22 @@ def _pair_metrics(loss, chosen_rewards, rejected_rewards, chosen_logps, rejected
     }
 
 
-@torch.no_grad()
-def _token_metrics(hidden, weight, labels, head_kwargs) -> dict:
-    """TRL DPOTrainer's token statistics of a chosen-then-rejected batch: `entropy` over every completion
-    token, `logits/chosen` / `logits/rejected` (mean logit over the vocabulary, averaged over each side's
-    tokens), `mean_token_accuracy` (the target is the argmax) over the chosen tokens. One more forward
-    pass of the head (2 N H V flops, no gradient): the fused loss keeps no per-token statistics."""
-    kwargs = {k: (v.detach() if isinstance(v, torch.Tensor) else v) for k, v in head_kwargs.items()}
-    _, stats = fastpref.linear_token_logps(hidden.detach(), weight.detach(), labels, return_stats=True, **kwargs)
+# the per-token statistics behind TRL DPOTrainer's token metrics, asked of the loss's own pass
+DPO_STATS = ("entropy", "is_top1", "mean_logit")
+
+
+def _token_metrics(labels, stats) -> dict:
+    """TRL DPOTrainer's token statistics of a chosen-then-rejected batch, from the loss's own pass over
+    the logits (`return_stats=DPO_STATS`): `entropy` over every completion token, `logits/chosen` /
+    `logits/rejected` (mean logit over the vocabulary, averaged over each side's tokens),
+    `mean_token_accuracy` (the target is the argmax) over the chosen tokens."""
     mask = labels != -100
     chosen, rejected = mask.chunk(2)
     logit_chosen, logit_rejected = stats.mean_logit.chunk(2)
     top1_chosen = stats.is_top1.chunk(2)[0]
     n_all, n_chosen, n_rejected = (m.sum().float() for m in (mask, chosen, rejected))
     return {
-        "entropy": ((stats.entropy * mask).sum().float(), n_all),
+        "entropy": ((stats.entropy.detach() * mask).sum().float(), n_all),
         "logits/chosen": ((logit_chosen * chosen).sum().float(), n_chosen),
         "logits/rejected": ((logit_rejected * rejected).sum().float(), n_rejected),
         "mean_token_accuracy": ((top1_chosen & chosen).sum().float(), n_chosen),
@@ -283,7 +284,8 @@ class SFTModule(TaskModule):
         labels = batch["labels"][:, 1:]
         weight, bias = _weights_like(head, hidden)
         logps, stats = fastpref.linear_token_logps(
-            hidden, weight, labels, bias=bias, softcap=head.softcap, logit_scale=head.logit_scale, return_stats=True
+            hidden, weight, labels, bias=bias, softcap=head.softcap, logit_scale=head.logit_scale,
+            return_stats=("entropy", "is_top1"),
         )
         mask = labels != -100
         tokens = mask.sum()
@@ -311,7 +313,7 @@ class DPOModule(TaskModule):
         weight, bias = _weights_like(head, hidden)
         head_kwargs = dict(bias=bias, softcap=head.softcap, logit_scale=head.logit_scale)
         if c.loss == "dpo":
-            out = fastpref.linear_dpo_loss(
+            out, stats = fastpref.linear_dpo_loss(
                 hidden,
                 weight,
                 labels,
@@ -328,13 +330,15 @@ class DPOModule(TaskModule):
                 ld_alpha=c.ld_alpha,
                 use_weighting=c.use_weighting,
                 memory_budget=c.memory_budget,
+                return_stats=DPO_STATS,
                 **head_kwargs,
             )
             metrics = _pair_metrics(
                 out.loss, out.chosen_rewards, out.rejected_rewards, out.chosen_logps, out.rejected_logps
             )
-            return out.loss, metrics | _token_metrics(hidden, weight, labels, head_kwargs)
-        logps = fastpref.linear_sequence_logps(hidden, weight, labels, **head_kwargs)
+            return out.loss, metrics | _token_metrics(labels, stats)
+        token_logps, stats = fastpref.linear_token_logps(hidden, weight, labels, return_stats=DPO_STATS, **head_kwargs)
+        logps = token_logps.sum(-1)  # 0 at ignored positions
         lengths = (labels != -100).sum(-1)
         chosen, rejected = logps.chunk(2)
         chosen_len, rejected_len = lengths.chunk(2)
@@ -354,7 +358,7 @@ class DPOModule(TaskModule):
         else:
             raise ValueError(f"unknown --loss {c.loss!r}")
         metrics = _pair_metrics(out.loss, out.chosen_rewards, out.rejected_rewards, chosen, rejected)
-        return out.loss, metrics | _token_metrics(hidden, weight, labels, head_kwargs)
+        return out.loss, metrics | _token_metrics(labels, stats)
 
     def _listwise(self, batch):
         c = self.config

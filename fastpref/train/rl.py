@@ -181,7 +181,7 @@ def token_logps(model, prompt_ids, prompt_mask, completion_ids, mask, temperatur
     labels = completion_ids.masked_fill(mask == 0, -100)
     out = fastpref.linear_token_logps(
         hidden, weight, labels, bias=bias, softcap=head.softcap, logit_scale=head.logit_scale,
-        temperature=temperature, return_stats=with_entropy,
+        temperature=temperature, return_stats="entropy" if with_entropy else False,
     )
     return (out[0], out[1].entropy) if with_entropy else (out, None)
 
