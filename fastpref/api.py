@@ -227,6 +227,13 @@ def _reduce(per_token, labels, ignore_index, reduction):
     return masked_sum(per_token, mask) if reduction == "sum" else masked_mean(per_token, mask)
 
 
+def _reduce_with_stats(out, labels, ignore_index, reduction):
+    """A token op's output (logps, or (logps, TokenStats)) with the log-probs reduced per sequence."""
+    if isinstance(out, tuple):
+        return _reduce(out[0], labels, ignore_index, reduction), out[1]
+    return _reduce(out, labels, ignore_index, reduction)
+
+
 def sequence_logps(
     logits: torch.Tensor,
     labels: torch.Tensor,
@@ -237,9 +244,10 @@ def sequence_logps(
     softcap: float | None = None,
     logit_scale: float = 1.0,
     inplace_backward: bool = False,
-) -> torch.Tensor:
+    return_stats: bool | str | Collection[str] = False,
+) -> torch.Tensor | tuple[torch.Tensor, TokenStats]:
     """Sum (or mean) of token log-probs per sequence: (B, T, V), (B, T) -> (B,) float32.
-    inplace_backward as in `token_logps`."""
+    inplace_backward as in `token_logps`; return_stats too ((B,), TokenStats of the tokens (B, T))."""
     check_choice("reduction", reduction, ("sum", "mean"))
     check_tensor("logits", logits, floating=True)
     if logits.dim() != 3:
@@ -252,8 +260,9 @@ def sequence_logps(
         softcap=softcap,
         logit_scale=logit_scale,
         inplace_backward=inplace_backward,
+        return_stats=return_stats,
     )
-    return _reduce(per_token, labels, ignore_index, reduction)
+    return _reduce_with_stats(per_token, labels, ignore_index, reduction)
 
 
 def linear_sequence_logps(
@@ -267,9 +276,11 @@ def linear_sequence_logps(
     temperature: float = 1.0,
     softcap: float | None = None,
     logit_scale: float = 1.0,
-) -> torch.Tensor:
+    return_stats: bool | str | Collection[str] = False,
+) -> torch.Tensor | tuple[torch.Tensor, TokenStats]:
     """Sum (or mean) of token log-probs per sequence from hidden states and the lm_head:
-    (B, T, H), (V, H), (B, T) -> (B,) float32, without a (N, V) tensor."""
+    (B, T, H), (V, H), (B, T) -> (B,) float32, without a (N, V) tensor. return_stats as in
+    `sequence_logps`."""
     check_choice("reduction", reduction, ("sum", "mean"))
     check_tensor("hidden", hidden, floating=True)
     if hidden.dim() != 3:
@@ -283,8 +294,9 @@ def linear_sequence_logps(
         temperature=temperature,
         softcap=softcap,
         logit_scale=logit_scale,
+        return_stats=return_stats,
     )
-    return _reduce(per_token, labels, ignore_index, reduction)
+    return _reduce_with_stats(per_token, labels, ignore_index, reduction)
 
 
 DEFAULT_MEMORY_BUDGET = 512 << 20  # bytes of logits the fused DPO pass may hold at once

@@ -420,3 +420,20 @@ def test_return_stats_names_are_checked():
         fastpref.token_logps(logits, labels, return_stats=["entropy", "top1"])
     with pytest.raises(TypeError, match="return_stats"):
         fastpref.linear_token_logps(torch.randn(2, 3), torch.randn(7, 3), labels, return_stats=1)
+
+
+@pytest.mark.parametrize("linear", [False, True])
+def test_sequence_logps_return_the_token_statistics(linear):
+    hidden, weight, bias, labels = linear_inputs(3, 5, 24, 2053, torch.float32)
+    logits = ref.linear_logits(hidden, weight, bias).float().detach().requires_grad_()
+    if linear:
+        seq, stats = fastpref.linear_sequence_logps(hidden, weight, labels, bias=bias, return_stats="entropy")
+        inputs = (hidden, weight, bias)
+    else:
+        seq, stats = fastpref.sequence_logps(logits, labels, reduction="mean", return_stats="entropy")
+        inputs = (logits,)
+    source = ref.linear_logits(hidden, weight, bias) if linear else logits
+    want = ref.sequence_logps(source, labels, reduction="sum" if linear else "mean")
+    check_parity(seq, want, inputs, torch.float32, "sequence log-probs")
+    assert_close(stats.entropy, ref.token_stats(logits, labels)["entropy"], rtol=1e-5, atol=1e-5, name="entropy")
+    assert stats.is_top1 is None and stats.mean_logit is None

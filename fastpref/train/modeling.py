@@ -337,8 +337,7 @@ class DPOModule(TaskModule):
                 out.loss, out.chosen_rewards, out.rejected_rewards, out.chosen_logps, out.rejected_logps
             )
             return out.loss, metrics | _token_metrics(labels, stats)
-        token_logps, stats = fastpref.linear_token_logps(hidden, weight, labels, return_stats=DPO_STATS, **head_kwargs)
-        logps = token_logps.sum(-1)  # 0 at ignored positions
+        logps, stats = fastpref.linear_sequence_logps(hidden, weight, labels, return_stats=DPO_STATS, **head_kwargs)
         lengths = (labels != -100).sum(-1)
         chosen, rejected = logps.chunk(2)
         chosen_len, rejected_len = lengths.chunk(2)
