@@ -46,6 +46,13 @@ def fused_bytes_per_logit(dtype: torch.dtype) -> int:
     return torch.finfo(dtype).bits // 8 + 3 * torch.finfo(compute_dtype(dtype)).bits // 8
 
 
+def fused_chunk_rows(n_vocab: int, max_rows: int) -> int:
+    """Rows of one pair chunk of the single pass, at most max_rows (the budget's): about a linear tile's
+    worth; a pair larger than that is a chunk of its own. On a CPU one pair per chunk is as fast as three
+    (a chunk's GEMMs are large enough either way) and holds a third of the memory."""
+    return min(max_rows, max(1, LINEAR_TILE_BYTES // (4 * n_vocab)))
+
+
 def fused_dw_accumulator(weight: torch.Tensor) -> torch.Tensor:
     """Zeros that the single pass accumulates dW into: the compute dtype here (rounding each pair
     chunk's product to bf16 would bias the gradient)."""
@@ -125,6 +132,26 @@ def _row_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return _exact_matmul(a[:, None, :], b[:, :, None]).view(-1)
 
 
+EXP_BLOCK_BYTES = 1 << 20  # rows of a tile exponentiated at once when x is needed beside exp(x): stays in cache
+
+
+def _exp_(x: torch.Tensor, with_x_dot: bool) -> torch.Tensor | None:
+    """x (r, c) <- exp(x) in place. with_x_dot: also returns Σ_j exp(x_j)·x_j (r,) (the entropy's sum; a −inf x
+    adds 0), made a block of rows at a time, so that the temporary holding exp beside x stays small (a fresh
+    tile-sized one costs its page faults on every call)."""
+    if not with_x_dot:
+        x.exp_()
+        return None
+    x_dot = x.new_empty(x.shape[0])
+    lowest = torch.finfo(x.dtype).min
+    for r0, r1 in spans(x.shape[0], max(1, EXP_BLOCK_BYTES // (x.shape[1] * x.element_size()))):
+        block = x[r0:r1]
+        exp = block.exp()
+        x_dot[r0:r1] = _row_dot(exp, block.clamp_(min=lowest))
+        block.copy_(exp)
+    return x_dot
+
+
 class _RowFold:
     """Running log-sum-exp (and the statistics a selector asks for) of r rows seen one vocab chunk at a time.
 
@@ -152,19 +179,13 @@ class _RowFold:
             chunk_max = z.amax(1)
         chunk_max = chunk_max.clamp_(min=lowest)
         chunk_z_sum = z.sum(1) if want & MEAN_LOGIT else None
-        shifted = z.sub_(chunk_max[:, None])
-        if want & (ENTROPY | LOG_SUM_SQ_PROBS):
-            exp = shifted.exp()
-            chunk_sum = exp.sum(1)
-        else:
-            chunk_sum = shifted.exp_().sum(1)
+        exp = z.sub_(chunk_max[:, None])
+        p_dot_z = _exp_(exp, with_x_dot=bool(want & ENTROPY))  # Σ softmax·(z − max) · Σ exp, with the entropy
+        chunk_sum = exp.sum(1)
         # row-wise dot products (batched GEMVs): no tile-sized temporary
         chunk_log_sum2 = _row_dot(exp, exp).log() if want & LOG_SUM_SQ_PROBS else None  # log Σ exp(2(z − max))
         chunk_p_dot_z = None
-        if want & ENTROPY:
-            # Σ softmax·(z − max) over the chunk; −inf columns (p = 0) add nothing (clamped: 0 · −inf is nan),
-            # an empty chunk 0
-            p_dot_z = _row_dot(exp, shifted.clamp_(min=lowest))
+        if want & ENTROPY:  # an empty chunk (Σ exp = 0) adds 0
             chunk_p_dot_z = torch.where(chunk_sum > 0, p_dot_z / chunk_sum, 0.0)
         chunk_log_sum = chunk_sum.log()
         if self.max is None:
@@ -421,14 +442,9 @@ def linear_rows_fused(h_rows, weight, bias, y, params: HeadParams, token_grads: 
         slope = (z * (params.temperature / params.softcap)).square_().neg_().add_(1.0).mul_(_raw_slope(params))
     row_max, top1, mean_logit = _fused_stats(z, y, stats)
     picked = z.gather(1, y[:, None]).squeeze(1) - row_max
-    shifted = z.sub_(row_max[:, None])
-    if stats & ENTROPY:  # Σ p·(z − max) needs z − max beside its exp: one more tile
-        probs = shifted.exp()
-        p_dot_z = _row_dot(probs, shifted)
-        del shifted, z
-    else:
-        # the tile becomes exp(z − max) in place, then the gradient: no second tile (the softmax is exp / Σ exp)
-        probs = shifted.exp_()
+    # the tile becomes exp(z − max) in place, then the gradient: no second tile (the softmax is exp / Σ exp)
+    probs = z.sub_(row_max[:, None])
+    p_dot_z = _exp_(probs, with_x_dot=bool(stats & ENTROPY))
     total = probs.sum(1)
     log_sum = total.log()
     logps = picked - log_sum

@@ -78,6 +78,11 @@ def fused_bytes_per_logit(dtype: torch.dtype) -> int:
     return torch.finfo(dtype).bits // 8
 
 
+def fused_chunk_rows(n_vocab: int, max_rows: int) -> int:
+    """Rows of one pair chunk of the single pass: as many as the budget allows (fewer, larger GEMMs)."""
+    return max_rows
+
+
 def fused_dw_accumulator(weight: torch.Tensor) -> torch.Tensor:
     """Zeros that the single pass accumulates dW into: the weight's own dtype (fp32 for fp64 weights,
     run by the chunked code). Each pair chunk adds dzᵀ·h with one GEMM that accumulates in fp32 and
