@@ -1,22 +1,24 @@
 """DPO-family loss straight from hidden states: hidden x lm_head -> sequence log-probs -> loss.
 
 Single pass, for losses that decompose over pairs (every loss_type but aot and aot_unpaired, and
-sft under WPO weighting). Pairs are grouped into chunks whose logits fit `memory_budget`. For a
-chunk, one (rows, V) logits tile of its valid tokens is held: lse and token log-probs -> the
-chunk's sequence log-probs -> each pair's loss (`fastpref.losses`, the very code `dpo_loss` runs)
--> its gradient w.r.t. every token log-prob -> dz in place -> dh, dW, db. 3 GEMMs, 6·n·H·V flops,
-n the valid tokens. Memory (`single_pass_buffers`): one chunk's tile (≤ memory_budget), the chunk's
-hidden rows and their dh (rows, H), and the gradients themselves: dh like hidden, dW (V, H) in the
-weight's dtype on the Triton backend (each chunk's dzᵀ·h accumulates in fp32 inside the GEMM and is
-added to dW once: one rounding per chunk, and chunks are as large as the budget allows), in fp32 on
-the chunked backend. Backward scales the stored gradients by the loss's upstream gradient, in place
-on the Triton backend (no second dW; a second backward through retain_graph=True raises there).
+sft under WPO weighting). Pairs are grouped into chunks whose logits fit `memory_budget` (on the
+chunked backend about one linear tile's worth, at least one pair: as fast on a CPU, less memory). For
+a chunk, one (rows, V) logits tile of its valid tokens is held: lse, token log-probs and the
+per-token statistics asked for (TRL's metrics, WPO's log Σp²) -> the chunk's sequence log-probs ->
+each pair's loss (`fastpref.losses`, the very code `dpo_loss` runs) -> its gradient w.r.t. every
+token log-prob -> dz in place -> dh, dW, db. 3 GEMMs, 6·n·H·V flops, n the valid tokens. Memory
+(`single_pass_buffers`): one chunk's tile (≤ memory_budget), the chunk's hidden rows and their dh
+(rows, H), and the gradients themselves: dh like hidden, dW (V, H) in the weight's dtype on the
+Triton backend (each chunk's dzᵀ·h accumulates in fp32 inside the GEMM and is added to dW once: one
+rounding per chunk, and chunks are as large as the budget allows), in fp32 on the chunked backend.
+Backward scales the stored gradients by the loss's upstream gradient, in place on the Triton backend
+(no second dW; a second backward through retain_graph=True raises there).
 Host syncs: one (`plan`), none in the backward, none under CUDA-graph capture.
 
 Two passes, for batch-coupled losses, or when one pair's logits exceed memory_budget:
 the same loss over `linear_token_logps_op` (no second sync: the plan's count is passed on), whose
 backward recomputes tiles of ≤ memory_budget bytes on the Triton backend, which holds nothing but
-the tile, ≤ memory_budget / 4 on the chunked one (8·n·H·V flops, working set ≈ the tile).
+the tile, on the chunked one its linear tile (≤ memory_budget / 4) (8·n·H·V flops, working set ≈ the tile).
 """
 
 from __future__ import annotations

@@ -241,9 +241,10 @@ class Trainer:
 
         from transformers import get_scheduler
 
+        # fused: one kernel per parameter group and no parameter-sized temporaries (TRL's default, adamw_torch_fused)
         self.optimizer = torch.optim.AdamW(
             _param_groups(self.module, c.weight_decay), lr=c.learning_rate, betas=(c.adam_beta1, c.adam_beta2),
-            eps=c.adam_epsilon,
+            eps=c.adam_epsilon, fused=self.device.type in ("cpu", "cuda"),
         )
         self.rl = rl.RLStage(self) if self.task in rl.RL_TASKS else None  # rollouts, rewards, reference
         self.sampler = self.rl.sampler if self.rl else StepSampler(
