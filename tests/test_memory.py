@@ -224,3 +224,17 @@ def test_single_pass_holds_dw_once_in_the_weights_dtype(monkeypatch):
     planned = single_pass_buffers((N_SEQS, N_POS, HIDDEN), VOCAB, torch.float16, [2 * (N_POS - 10)] * 2, budget)
     largest = max(numel * dt.itemsize for _, numel, dt in log.outputs)
     assert largest <= max(planned.values())
+
+
+def test_the_training_loops_peak_meter_sees_the_tiles_inside_fastprefs_ops(monkeypatch):
+    """`fastpref train`'s head memory report (metrics.PeakMeter on a CPU) counts what the custom ops hold
+    inside, not only their outputs: here one (256, 8192) fp32 logits tile, 8 MB, against 1 MB of gradients."""
+    from fastpref.train.metrics import PeakMeter
+
+    monkeypatch.setattr(torch_chunked, "LINEAR_TILE_BYTES", 8 << 20)
+    hidden = torch.randn(1, 256, 32, requires_grad=True)
+    weight = torch.randn(8192, 32, requires_grad=True)
+    labels = torch.randint(0, 8192, (1, 256))
+    with PeakMeter(torch.device("cpu")) as meter:
+        fastpref.linear_sequence_logps(hidden, weight, labels).sum().backward()
+    assert meter.mb >= 8, f"{meter.mb:.1f} MB"

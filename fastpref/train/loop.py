@@ -351,16 +351,18 @@ class Trainer:
 
         with metrics.PeakMeter(self.device) as meter:
             if self.task == "dpo" and self.config.loss == "dpo":
-                out = fastpref.linear_dpo_loss(
+                out, _stats = fastpref.linear_dpo_loss(
                     hidden, weight, labels, batch.get("ref_chosen"), batch.get("ref_rejected"),
                     beta=self.config.beta, loss_type=self.config.loss_type[0] if len(self.config.loss_type) == 1
                     else self.config.loss_type, reference_free=self.config.reference_free,
-                    label_smoothing=self.config.label_smoothing, softcap=head.softcap,
-                    memory_budget=self.config.memory_budget,
+                    label_smoothing=self.config.label_smoothing, softcap=head.softcap, logit_scale=head.logit_scale,
+                    memory_budget=self.config.memory_budget, return_stats=modeling.DPO_STATS,
                 )
                 out.loss.backward()
             else:
-                fastpref.linear_sequence_logps(hidden, weight, labels, softcap=head.softcap).sum().backward()
+                fastpref.linear_sequence_logps(
+                    hidden, weight, labels, softcap=head.softcap, logit_scale=head.logit_scale
+                ).sum().backward()
         rows, positions = labels.shape
         vocab = weight.shape[0]
         report = {

@@ -133,7 +133,9 @@ def peak_memory_mb(device: torch.device) -> float | None:
 
 class _LiveBytes(TorchDispatchMode):
     """Counts the bytes of every storage an op creates while it is alive (a weakref on the storage,
-    whose Python object lives as long as the storage), and their peak."""
+    whose Python object lives as long as the storage), and their peak. A fastpref custom op is one
+    opaque call to a dispatch mode: its CPU kernel is re-entered with the count on, so that the tiles
+    it holds inside are seen."""
 
     def __init__(self):
         super().__init__()
@@ -144,7 +146,11 @@ class _LiveBytes(TorchDispatchMode):
         self.current -= self.live.pop(key, 0)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
+        if func.namespace == "fastpref":
+            with self:
+                out = func.redispatch(torch._C.DispatchKeySet(torch._C.DispatchKey.CPU), *args, **(kwargs or {}))
+        else:
+            out = func(*args, **(kwargs or {}))
         for t in out if isinstance(out, (tuple, list)) else (out,):
             if isinstance(t, torch.Tensor) and not t.is_meta:
                 storage = t.untyped_storage()
