@@ -40,7 +40,7 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 
 RESULTS = Path(__file__).parent / "results"
 CONTENDERS = ("fastpref", "trl-patched", "trl-stock")
-TRAINERS = {"dpo": "DPOTrainer", "sft": "SFTTrainer"}
+TRAINERS = {"dpo": "DPOTrainer", "sft": "SFTTrainer", "grpo": "GRPOTrainer"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,7 +51,8 @@ class Workload:
     vocab: int | None  # None: the tokenizer's (GPT-2's 50,257)
     prompt_tokens: int
     completion_tokens: int  # the EOS each trainer appends comes on top
-    batch: int
+    batch: int  # rows a step: pairs for dpo, completions for grpo (TRL's per_device_train_batch_size)
+    num_generations: int  # grpo: completions sampled per prompt
     warmup_steps: int = 2
     timed_steps: int = 4
 
@@ -62,24 +63,33 @@ class Workload:
 
 WORKLOADS = {
     "tiny": Workload("tiny", hidden=128, intermediate=384, vocab=None, prompt_tokens=64, completion_tokens=127,
-                     batch=8),
+                     batch=8, num_generations=4),
     "head": Workload("head", hidden=256, intermediate=768, vocab=128256, prompt_tokens=128, completion_tokens=383,
-                     batch=2),
+                     batch=2, num_generations=2),
 }
 QUICK = Workload("toy", hidden=32, intermediate=64, vocab=None, prompt_tokens=8, completion_tokens=7, batch=2,
-                 warmup_steps=1, timed_steps=2)
+                 num_generations=2, warmup_steps=1, timed_steps=2)
 
 # The same in every contender (TRL's names; fastpref train takes the same options).
 SHARED = dict(learning_rate=1e-5, lr_scheduler_type="constant", warmup_steps=0, max_grad_norm=1.0, weight_decay=0.0,
               seed=0, gradient_checkpointing=False, logging_steps=1, gradient_accumulation_steps=1)
 DPO_SHARED = dict(beta=0.1, loss_type="sigmoid")
+GRPO_SHARED = dict(temperature=1.0, beta=0.0, loss_type="dapo")  # TRL's defaults
 DIFFERENCES = [
     "loop: fastpref's own (`fastpref train`) vs transformers' Trainer under TRL (accelerate, its DataLoader)",
     "collation: fastpref's collator vs TRL's (both pad to the longest row of the batch; the rows are equal length)",
     "head: fastpref's fused linear log-probs (fastpref, trl-patched) vs TRL's own (trl-stock: full logits on a CPU)",
     "metrics: each logs its own set every step (TRL's names in both)",
     "fastpref evaluates and saves once after the last step (not timed); TRL is told to do neither",
+    "grpo: each samples its own completions (both with the model's generate and its KV cache, temperature 1, the "
+    "same seed but not the same random stream); a random model almost never samples EOS, so nearly every "
+    "completion is max_completion_length long in both (tokens/s counts the tokens each step trained on)",
 ]
+
+
+def completion_length(prompts, completions, **columns) -> list[float]:
+    """The GRPO workloads' reward (TRL's reward-function signature): characters of each completion."""
+    return [float(len(c)) for c in completions]
 WORDS = "apple banana cherry table river mountain window garden pencil doctor yellow purple music letter silver orange"
 
 
@@ -113,6 +123,8 @@ def prepare(workload: Workload, task: str, folder: Path) -> tuple[Path, Path]:
     rows = _rows(workload, workload.batch * steps)
     if task == "sft":
         rows = [{"prompt": r["prompt"], "completion": r["chosen"]} for r in rows]
+    if task == "grpo":  # a step samples batch / num_generations prompts
+        rows = [{"prompt": r["prompt"]} for r in rows[: len(rows) // workload.num_generations]]
     data = folder / f"{task}-{workload.name}.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return model_dir, data
@@ -158,6 +170,10 @@ def _run_fastpref(task, workload, model_dir, data, out_dir, device, threads) -> 
                "disable_tqdm": True, "plot": False, "output_dir": out_dir, "overwrite_output_dir": True}
     if task == "dpo":
         options.update(DPO_SHARED, precompute_ref_log_probs=False)
+    if task == "grpo":
+        options.update(GRPO_SHARED, num_generations=workload.num_generations,
+                       max_completion_length=workload.completion_tokens, reward_funcs=f"{__name__}:completion_length")
+        del options["max_prompt_length"]
     argv = ["train", task, "--model", str(model_dir), "--dataset", str(data)]
     for key, value in options.items():
         argv += [f"--{key}", str(value)]
@@ -188,6 +204,11 @@ def _run_trl(task, workload, model_dir, data, out_dir, device, patched) -> int:
     if task == "dpo":
         config = trl.DPOConfig(**settings, **DPO_SHARED)
         extra["ref_model"] = load()
+    elif task == "grpo":
+        del settings["max_length"]
+        config = trl.GRPOConfig(**settings, **GRPO_SHARED, num_generations=workload.num_generations,
+                                max_completion_length=workload.completion_tokens)
+        extra["reward_funcs"] = completion_length
     else:
         config = trl.SFTConfig(**settings)
     trainer = getattr(trl, TRAINERS[task])(
