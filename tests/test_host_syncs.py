@@ -119,3 +119,12 @@ def test_the_counter_sees_inside_a_custom_op(monkeypatch):
     with HostReads() as reads:
         fastpref.token_logps(logits, labels)
     assert reads.reads == ["aten.is_nonzero"]
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("name", [name for name in CALLS if name.startswith("linear_dpo_loss")])
+def test_linear_dpo_loss_reads_the_host_once_inside_its_op(monkeypatch, backend, name):
+    """linear_dpo_loss plans inside its custom op (opaque to torch.compile): the counter sees that one read there,
+    the copy of the valid counts and pair indices, in every path."""
+    forward, _ = _run(CALLS[name], backend, monkeypatch)
+    assert forward == ["Tensor.tolist"]
