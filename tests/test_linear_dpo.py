@@ -140,6 +140,17 @@ def test_options_together(monkeypatch, path_log, mode, dtype, backend):
     check_against_reference(dtype, batch, torch.arange(PAIRS), torch.arange(PAIRS, 2 * PAIRS), kwargs, "mixed")
 
 
+@pytest.mark.parametrize("mode", ["one_chunk", "two_pass"])
+@pytest.mark.parametrize("as_tensor", [False, True], ids=["float", "tensor"])
+def test_bco_delta_as_a_float_or_a_tensor(path_log, mode, as_tensor):
+    """bco_delta reaches the op as a 0-dim tensor (its schema's type); a float acts as it does in dpo_loss."""
+    dtype = torch.float64
+    delta = torch.tensor(0.37, dtype=dtype) if as_tensor else 0.37
+    kwargs = {"loss_type": "bco_pair", "bco_delta": delta, "memory_budget": MODES[mode](dtype)}
+    check_against_reference(dtype, make_batch(dtype), torch.arange(PAIRS), torch.arange(PAIRS, 2 * PAIRS), kwargs, "bco")
+    assert path_log["two_pass" if mode == "two_pass" else "chunks"] >= 1
+
+
 @pytest.mark.parametrize("mode", MODES)
 def test_pairs_index_sequences_in_any_order(path_log, mode):
     """The DPO paper's indexing: one sequence may sit in several pairs, on either side."""

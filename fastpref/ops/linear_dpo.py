@@ -50,7 +50,8 @@ from fastpref.params import HeadParams
 
 @dataclass(frozen=True)
 class DPOParams:
-    """Everything but tensors: the head, the loss options, and the memory budget in bytes."""
+    """Everything but the inputs: the head, the loss options (bco_delta may be a 0-dim tensor), and the
+    memory budget in bytes."""
 
     head: HeadParams
     memory_budget: int
@@ -316,8 +317,8 @@ def _single_pass_serves(hidden, weight, labels, chosen_idx, params: DPOParams, h
     return any(needs) and fits and not batch_coupled
 
 
-# The op's outputs: these, then the gradients w.r.t. DIFFERENTIABLE (an empty tensor where not wanted).
-OUTPUTS = PreferenceOutput._fields  # loss, chosen/rejected rewards, chosen/rejected log-probs
+# The op's outputs: these (PreferenceOutput's), then the gradients w.r.t. DIFFERENTIABLE ((0,) where not wanted).
+OUTPUTS = ("loss", "chosen_rewards", "rejected_rewards", "chosen_logps", "rejected_logps")
 DIFFERENTIABLE = ("hidden", "weight", "bias", "ref_chosen", "ref_rejected")
 
 
