@@ -147,7 +147,8 @@ def test_bco_delta_as_a_float_or_a_tensor(path_log, mode, as_tensor):
     dtype = torch.float64
     delta = torch.tensor(0.37, dtype=dtype) if as_tensor else 0.37
     kwargs = {"loss_type": "bco_pair", "bco_delta": delta, "memory_budget": MODES[mode](dtype)}
-    check_against_reference(dtype, make_batch(dtype), torch.arange(PAIRS), torch.arange(PAIRS, 2 * PAIRS), kwargs, "bco")
+    chosen, rejected = torch.arange(PAIRS), torch.arange(PAIRS, 2 * PAIRS)
+    check_against_reference(dtype, make_batch(dtype), chosen, rejected, kwargs, "bco_delta")
     assert path_log["two_pass" if mode == "two_pass" else "chunks"] >= 1
 
 
