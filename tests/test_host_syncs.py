@@ -7,7 +7,6 @@ from transformers.utils import import_utils
 
 import fastpref
 from fastpref.backends import rows
-
 from assertions import assert_close
 from host_reads import HostReads
 from llama_step import dpo_batch, llama_dpo_step, tiny_llama
