@@ -1,4 +1,4 @@
-"""The non-tensor options of a log-prob op, as one frozen value (autograd Functions take it whole)."""
+"""The non-tensor options of a log-prob op, as one frozen value (the ops take its fields as scalars)."""
 
 from __future__ import annotations
 

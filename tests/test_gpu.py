@@ -2,11 +2,13 @@
 fastpref's error vs the float64 truth may be no larger than the textbook bf16 path's own error,
 times COMPARATIVE_FACTOR, plus COMPARATIVE_FLOOR; in fp32 against float64 (gradients through
 leading dims no view can merge); a training step of every linear op captured in a CUDA graph and
-replayed; a training step compiled by inductor; host syncs under torch.cuda.set_sync_debug_mode (at
+replayed; a training step compiled by inductor; a whole DPO step of a tiny Llama (forward, fused loss,
+backward) captured and replayed, and compiled by inductor; host syncs under torch.cuda.set_sync_debug_mode (at
 most one per forward, none in a backward); a head on a second GPU; the peak memory of llama3-8b's
 fused DPO pass against its planner and the +1.7 GB goal. Skipped without CUDA, and under the Triton
 interpreter (tests/conftest.py turns it on by default; `make gpu-check` runs this file with TRITON_INTERPRET=0)."""
 
+import copy
 import os
 import warnings
 
@@ -16,6 +18,7 @@ import torch
 import fastpref
 import reference as ref
 from assertions import assert_close
+from llama_step import assert_compiled_step_matches_eager, dpo_batch, llama_dpo_step, tiny_llama
 from tolerances import COMPARATIVE_FACTOR, COMPARATIVE_FLOOR, VS_FP64
 
 DEVICE = "cuda"
@@ -220,13 +223,13 @@ def logits_and_linear_step(hidden, weight, labels, ref_chosen, ref_rejected):
 
 
 @pytest.mark.parametrize(
-    "step, fullgraph",
-    [(logits_and_linear_step, True), (dpo_step, False)],
-    ids=["logits_and_linear_fullgraph", "linear_dpo_loss"],
+    "step",
+    [logits_and_linear_step, dpo_step, two_pass_dpo_step],
+    ids=["logits_and_linear", "linear_dpo_loss", "linear_dpo_loss_two_pass"],
 )
-def test_inductor_compiles_a_training_step(monkeypatch, step, fullgraph):
-    """torch.compile with inductor of a training step: loss and gradients as eager's. The custom-op
-    step traces whole (fullgraph); linear_dpo_loss compiles as a user's step would (breaks allowed)."""
+def test_inductor_compiles_a_training_step(monkeypatch, step):
+    """torch.compile(fullgraph=True) with inductor of a training step through the custom ops (linear_dpo_loss one
+    of them, its planning inside): loss and gradients as eager's."""
     monkeypatch.setenv("FASTPREF_BACKEND", "triton")
     torch._dynamo.reset()
     hidden, labels, ref_chosen, ref_rejected = linear_batch(0, **GRAPH_SHAPE)
@@ -234,12 +237,70 @@ def test_inductor_compiles_a_training_step(monkeypatch, step, fullgraph):
     leaves = (hidden.requires_grad_(), weight.requires_grad_())
     eager = step(*leaves, labels, ref_chosen, ref_rejected)
     eager_grads = torch.autograd.grad(eager, leaves)
-    compiled_step = torch.compile(step, backend="inductor", fullgraph=fullgraph)
+    compiled_step = torch.compile(step, backend="inductor", fullgraph=True)
     compiled = compiled_step(*leaves, labels, ref_chosen, ref_rejected)
     compiled_grads = torch.autograd.grad(compiled, leaves)
     assert_close(compiled, eager, **REPLAY_TOLERANCE, name="loss")
     for name, got, want in zip(("hidden", "weight"), compiled_grads, eager_grads):
         assert_close(got, want, **REPLAY_TOLERANCE, name=f"grad {name}")
+
+
+# A whole DPO step of a tiny Llama (tests/llama_step.py): its forward, linear_dpo_loss, the backward.
+LLAMA_SHAPE = {"pairs": 2, "positions": 32, "vocab": 1000}
+LOSS_PATHS = {"single_pass": "sigmoid", "two_pass": "aot"}  # aot sorts across the batch: the two passes
+
+
+@pytest.mark.parametrize("loss_type", list(LOSS_PATHS.values()), ids=list(LOSS_PATHS))
+def test_cuda_graph_replays_a_whole_llama_dpo_step(monkeypatch, loss_type):
+    """A whole step (the model's forward, linear_dpo_loss, the backward, an SGD step) captured in one CUDA graph
+    with static inputs, as torch's docs capture a network (warm-up on a side stream, grads None before the
+    capture), replayed on two new batches with other masks: eager's loss, rewards, gradients and updated weights,
+    from the same weights."""
+    monkeypatch.setenv("FASTPREF_BACKEND", "triton")
+    torch.manual_seed(0)
+    model = tiny_llama(LLAMA_SHAPE["vocab"], DEVICE)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    static = dpo_batch(0, **LLAMA_SHAPE, device=DEVICE)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # compiles the kernels, warms cuBLAS and the caching allocator
+        for _ in range(3):
+            optimizer.zero_grad(set_to_none=True)
+            llama_dpo_step(model, *static, loss_type=loss_type)
+            optimizer.step()
+    torch.cuda.current_stream().wait_stream(side)
+    optimizer.zero_grad(set_to_none=True)  # the captured backward allocates the grads in the graph's pool
+    eager_model = copy.deepcopy(model)  # capturing runs nothing: the weights the first replay starts from
+    eager_optimizer = torch.optim.SGD(eager_model.parameters(), lr=0.1)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_loss, static_rewards = llama_dpo_step(model, *static, loss_type=loss_type)
+        optimizer.step()
+    for seed in (1, 2):
+        batch = dpo_batch(seed, **LLAMA_SHAPE, device=DEVICE)
+        with torch.no_grad():
+            for static_input, new in zip(static, batch):
+                static_input.copy_(new)
+        graph.replay()
+        eager_optimizer.zero_grad(set_to_none=True)
+        loss, rewards = llama_dpo_step(eager_model, *batch, loss_type=loss_type)
+        eager_optimizer.step()
+        assert_close(static_loss, loss, **REPLAY_TOLERANCE, name=f"loss, batch {seed}")
+        assert_close(static_rewards, rewards, **REPLAY_TOLERANCE, name=f"chosen rewards, batch {seed}")
+        for (name, replayed), eager in zip(model.named_parameters(), eager_model.parameters()):
+            assert_close(replayed.grad, eager.grad, **REPLAY_TOLERANCE, name=f"grad {name}, batch {seed}")
+            assert_close(replayed, eager, **REPLAY_TOLERANCE, name=f"{name} after the step, batch {seed}")
+
+
+@pytest.mark.parametrize("loss_type", list(LOSS_PATHS.values()), ids=list(LOSS_PATHS))
+def test_inductor_compiles_a_whole_llama_dpo_step(monkeypatch, loss_type):
+    """torch.compile(fullgraph=True, backend="inductor") of the whole step, backward included, one graph: eager's
+    loss, rewards and every parameter's gradient on two batches."""
+    monkeypatch.setenv("FASTPREF_BACKEND", "triton")
+    torch.manual_seed(0)
+    model = tiny_llama(LLAMA_SHAPE["vocab"], DEVICE)
+    batches = [dpo_batch(seed, **LLAMA_SHAPE, device=DEVICE) for seed in (0, 1)]
+    assert_compiled_step_matches_eager(model, batches, "inductor", loss_type, **REPLAY_TOLERANCE)
 
 
 @pytest.mark.parametrize("step", list(LINEAR_STEPS.values()), ids=list(LINEAR_STEPS))

@@ -3,11 +3,13 @@ break a CUDA-graph capture): at most one per call, none in a backward, none unde
 
 import pytest
 import torch
+from transformers.utils import import_utils
 
 import fastpref
 from fastpref.backends import rows
 from assertions import assert_close
 from host_reads import HostReads
+from llama_step import dpo_batch, llama_dpo_step, tiny_llama
 
 VOCAB, HIDDEN = 300, 16
 
@@ -119,3 +121,38 @@ def test_the_counter_sees_inside_a_custom_op(monkeypatch):
     with HostReads() as reads:
         fastpref.token_logps(logits, labels)
     assert reads.reads == ["aten.is_nonzero"]
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("name", [name for name in CALLS if name.startswith("linear_dpo_loss")])
+def test_linear_dpo_loss_reads_the_host_once_inside_its_op(monkeypatch, backend, name):
+    """linear_dpo_loss plans inside its custom op (opaque to torch.compile): the counter sees that one read there,
+    the copy of the valid counts and pair indices, in every path."""
+    forward, _ = _run(CALLS[name], backend, monkeypatch)
+    assert forward == ["Tensor.tolist"]
+
+
+@pytest.mark.parametrize("loss_type", ["sigmoid", "aot"], ids=["single_pass", "two_pass"])
+def test_a_whole_llama_dpo_step_reads_nothing_as_under_capture(monkeypatch, loss_type):
+    """The CPU proxy of tests/test_gpu.py's capture of a whole step: a tiny Llama's forward, linear_dpo_loss, the
+    backward and an SGD step read nothing on the host as under CUDA-graph capture (ours: `rows.capturing`;
+    transformers': its capture check, which skips its packed-sequence test); eagerly they read (the proxy can fail)."""
+    monkeypatch.setenv("FASTPREF_BACKEND", "triton")
+    torch.manual_seed(0)
+    model = tiny_llama(vocab=97)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    batch = dpo_batch(0, pairs=2, positions=8, vocab=97)
+
+    def step():
+        optimizer.zero_grad(set_to_none=True)
+        llama_dpo_step(model, *batch, loss_type=loss_type)
+        optimizer.step()
+
+    with HostReads() as eager:
+        step()
+    assert "Tensor.tolist" in eager.reads, eager.reads
+    monkeypatch.setattr(rows, "capturing", lambda t: True)
+    monkeypatch.setattr(import_utils, "is_cuda_stream_capturing", lambda: True)
+    with HostReads() as captured:
+        step()
+    assert captured.reads == []

@@ -140,6 +140,18 @@ def test_options_together(monkeypatch, path_log, mode, dtype, backend):
     check_against_reference(dtype, batch, torch.arange(PAIRS), torch.arange(PAIRS, 2 * PAIRS), kwargs, "mixed")
 
 
+@pytest.mark.parametrize("mode", ["one_chunk", "two_pass"])
+@pytest.mark.parametrize("as_tensor", [False, True], ids=["float", "tensor"])
+def test_bco_delta_as_a_float_or_a_tensor(path_log, mode, as_tensor):
+    """bco_delta reaches the op as a 0-dim tensor (its schema's type); a float acts as it does in dpo_loss."""
+    dtype = torch.float64
+    delta = torch.tensor(0.37, dtype=dtype) if as_tensor else 0.37
+    kwargs = {"loss_type": "bco_pair", "bco_delta": delta, "memory_budget": MODES[mode](dtype)}
+    chosen, rejected = torch.arange(PAIRS), torch.arange(PAIRS, 2 * PAIRS)
+    check_against_reference(dtype, make_batch(dtype), chosen, rejected, kwargs, "bco_delta")
+    assert path_log["two_pass" if mode == "two_pass" else "chunks"] >= 1
+
+
 @pytest.mark.parametrize("mode", MODES)
 def test_pairs_index_sequences_in_any_order(path_log, mode):
     """The DPO paper's indexing: one sequence may sit in several pairs, on either side."""
@@ -240,6 +252,25 @@ def test_double_backward_raises_instead_of_a_wrong_gradient_penalty():
     out = fastpref.linear_dpo_loss(hidden, weight, labels, ref_c, ref_r, bias=bias)
     with pytest.raises(RuntimeError, match="cannot be differentiated twice"):
         torch.autograd.grad(out.loss, hidden, create_graph=True)  # the first step of a gradient penalty
+
+
+@pytest.mark.parametrize("loss_type", ["sigmoid", "aot"], ids=["single_pass", "two_pass"])
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_a_second_backward_raises_where_the_gradients_were_scaled_in_place(monkeypatch, backend, loss_type):
+    """The Triton backend scales the stored gradients in place (no second dW): a second backward through
+    retain_graph=True raises, saying why; the chunked backend scales a copy, so a second backward adds the same
+    gradient again."""
+    monkeypatch.setenv("FASTPREF_BACKEND", backend)
+    hidden, weight, bias, labels, ref_c, ref_r = make_batch(torch.float32)
+    out = fastpref.linear_dpo_loss(hidden, weight, labels, ref_c, ref_r, bias=bias, loss_type=loss_type)
+    out.loss.backward(retain_graph=True)
+    first = hidden.grad.clone()
+    if backend == "triton":
+        with pytest.raises(RuntimeError, match="runs once on the Triton backend"):
+            out.loss.backward()
+    else:
+        out.loss.backward()
+        assert_close(hidden.grad, 2 * first, rtol=1e-6, atol=1e-7, name="two backwards")
 
 
 def test_no_grad_and_inference_mode_run_the_forward_alone(monkeypatch):

@@ -32,10 +32,9 @@ class AllocationLog(TorchDispatchMode):
         if func.namespace == "fastpref":
             # a custom op is one opaque call to a dispatch mode: re-enter its CPU kernel with the
             # log on, so that what it allocates inside is seen
-            with self:
-                out = func.redispatch(torch._C.DispatchKeySet(torch._C.DispatchKey.CPU), *args, **kwargs)
-        else:
-            out = func(*args, **kwargs)
+            with self:  # (its outputs were allocated in there, and logged: not logged twice)
+                return func.redispatch(torch._C.DispatchKeySet(torch._C.DispatchKey.CPU), *args, **kwargs)
+        out = func(*args, **kwargs)
         inputs = torch.utils._pytree.tree_leaves((args, kwargs))
         input_storages = {t.untyped_storage().data_ptr() for t in inputs if isinstance(t, torch.Tensor)}
         for t in out if isinstance(out, (tuple, list)) else (out,):
@@ -151,7 +150,8 @@ def test_fused_dpo_pass_allocates_its_logits_tile_once():
         out = fastpref.linear_dpo_loss(hidden, weight, labels, None, None, reference_free=True)
         out.loss.backward()
     tile_sized = [op for op, numel, _ in log.outputs if numel >= N_SEQS * N_POS * VOCAB // 2]  # a pair's rows
-    assert tile_sized and set(tile_sized) == {"aten.mm.default"}, tile_sized  # the GEMM's output, nothing else
+    # the GEMM's output, nothing else (inside a custom op, below autograd, matmul reaches the log undecomposed)
+    assert tile_sized and set(tile_sized) <= {"aten.mm.default", "aten.matmul.default"}, tile_sized
 
 
 def test_logits_path_allocates_only_the_gradient():

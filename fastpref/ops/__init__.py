@@ -1,1 +1,1 @@
-"""torch.autograd.Functions, one per fused op."""
+"""The fused ops as torch.library custom ops, with fake implementations and autograd formulas: one module each."""
