@@ -16,8 +16,11 @@ interleaved (--rounds rounds, each running every one in turn) so that the machin
 
 Workloads: tiny (the `tiny-llama` preset's model: H 128, V 50,257, 192 tokens a sequence, 8 rows a step) and
 head (the head dominates: H 256, V 128,256, 512 tokens, 2 rows). --quick: a toy model, for the tests.
+GRPO (`fastpref train grpo` against GRPOTrainer, TRL's defaults: beta 0, dapo) samples a step's rows as
+completions, num_generations per prompt, of at most the workload's completion length, scored by one reward
+function (completion_length); a step's time holds the sampling (generate with the KV cache) too.
 
-    python -m fastpref.bench e2e [--tasks dpo sft] [--workloads tiny head] [--rounds 2] [--threads 1]
+    python -m fastpref.bench e2e [--tasks dpo sft grpo] [--workloads tiny head] [--rounds 2] [--threads 1]
 """
 
 from __future__ import annotations

@@ -237,3 +237,23 @@ def test_gpu_check_summary_ratios():
     rows = [line.split(" | ") for line in gpu_check.results_table(records)[2:]]
     assert [(r[3], r[6], r[7]) for r in rows] == [("trl", "1.00×", "2.00×"), ("fastpref-triton", "0.75×", "1.50×"),
                                                   ("textbook", "—", "4.00×")]  # fmt: skip
+
+
+def test_e2e_times_grpo_steps_of_fastpref_train_and_patched_trl(tmp_path):
+    """`fastpref bench e2e --tasks grpo` at toy size: both loops sample their own completions of the same prompts
+    with the same group size and length limit and train on as many tokens (a random model hardly ever samples
+    EOS: every completion runs to max_completion_length)."""
+    pytest.importorskip("trl")
+    from fastpref.bench import e2e
+
+    toy, threads = e2e.QUICK, torch.get_num_threads()
+    model_dir, data = e2e.prepare(toy, "grpo", tmp_path)
+    try:
+        records = [e2e.run_one("grpo", contender, toy, model_dir, data, CPU, threads=1)
+                   for contender in ("fastpref", "trl-patched")]
+    finally:
+        torch.set_num_threads(threads)
+    full = toy.batch * (toy.prompt_tokens + toy.completion_tokens)  # completions a step, each prompt + completion
+    for record in records:
+        assert len(record["step_cpu_s"]) == toy.timed_steps and all(s > 0 for s in record["step_cpu_s"])
+        assert record["tokens_per_step"] == pytest.approx(full, rel=0.1), record
