@@ -24,3 +24,16 @@ def assert_close(actual, expected, *, rtol: float, atol: float, name: str = "val
             f"{name}: {int(bad.sum())} of {bad.numel()} elements differ (rtol={rtol}, atol={atol}, "
             f"worst rel {worst:.3g}):\n{rows}"
         )
+
+
+def assert_selected_stats(stats, names, want) -> None:
+    """A TokenStats against the reference's statistics (ref.token_stats): the named ones equal (is_top1
+    exactly), every other one None."""
+    for name in stats._fields:
+        got = getattr(stats, name)
+        if name not in names:
+            assert got is None, f"{name} was not asked for, got a value"
+        elif name == "is_top1":
+            assert got.dtype == torch.bool and torch.equal(got, want[name]), name
+        else:
+            assert_close(got, want[name], rtol=1e-5, atol=1e-5, name=name)

@@ -157,19 +157,26 @@ def test_cpu_memory_run(method):
     assert f"| 512 | {method} |" in cpu_memory.markdown([row])
 
 
-def test_e2e_times_whole_steps_of_fastpref_train_and_patched_trl(tmp_path):
-    """`fastpref bench e2e`'s runs at toy size, in this process: the same tokens per step in both loops (the same
-    rows, nothing truncated), one time per step after warm-up, the peak memory, the table and the plot."""
+def _e2e_records(task: str, folder) -> list[dict]:
+    """`fastpref bench e2e`'s records of one task at toy size, fastpref and patched TRL, in this process."""
     pytest.importorskip("trl")
     from fastpref.bench import e2e
 
     toy, threads = e2e.QUICK, torch.get_num_threads()
-    model_dir, data = e2e.prepare(toy, "dpo", tmp_path)
+    model_dir, data = e2e.prepare(toy, task, folder)
     try:
-        records = [e2e.run_one("dpo", contender, toy, model_dir, data, CPU, threads=1)
-                   for contender in ("fastpref", "trl-patched")]
+        return [e2e.run_one(task, contender, toy, model_dir, data, CPU, threads=1)
+                for contender in ("fastpref", "trl-patched")]
     finally:
         torch.set_num_threads(threads)
+
+
+def test_e2e_times_whole_steps_of_fastpref_train_and_patched_trl(tmp_path):
+    """`fastpref bench e2e`'s runs at toy size, in this process: the same tokens per step in both loops (the same
+    rows, nothing truncated), one time per step after warm-up, the peak memory, the table and the plot."""
+    from fastpref.bench import e2e
+
+    toy, records = e2e.QUICK, _e2e_records("dpo", tmp_path)
     for record in records:
         assert len(record["step_s"]) == len(record["step_cpu_s"]) == toy.timed_steps
         assert all(s > 0 for s in record["step_s"]) and record["peak_mb"] > record["rss_start_mb"] > 0
@@ -243,16 +250,9 @@ def test_e2e_times_grpo_steps_of_fastpref_train_and_patched_trl(tmp_path):
     """`fastpref bench e2e --tasks grpo` at toy size: both loops sample their own completions of the same prompts
     with the same group size and length limit and train on as many tokens (a random model hardly ever samples
     EOS: every completion runs to max_completion_length)."""
-    pytest.importorskip("trl")
     from fastpref.bench import e2e
 
-    toy, threads = e2e.QUICK, torch.get_num_threads()
-    model_dir, data = e2e.prepare(toy, "grpo", tmp_path)
-    try:
-        records = [e2e.run_one("grpo", contender, toy, model_dir, data, CPU, threads=1)
-                   for contender in ("fastpref", "trl-patched")]
-    finally:
-        torch.set_num_threads(threads)
+    toy, records = e2e.QUICK, _e2e_records("grpo", tmp_path)
     full = toy.batch * (toy.prompt_tokens + toy.completion_tokens)  # completions a step, each prompt + completion
     for record in records:
         assert len(record["step_cpu_s"]) == toy.timed_steps and all(s > 0 for s in record["step_cpu_s"])

@@ -6,7 +6,7 @@ import torch
 
 import fastpref
 import reference as ref
-from assertions import assert_close
+from assertions import assert_close, assert_selected_stats
 from fastpref.backends import torch_chunked, triton_backend
 from fastpref.ops.token_logps import token_logps_op
 from tolerances import VS_FP64
@@ -368,14 +368,7 @@ def test_selected_statistics_only(backend, selection):
     logps, stats = fastpref.token_logps(logits, labels, return_stats=selection, **head)
     names = {selection} if isinstance(selection, str) else set(selection)
     want = ref.token_stats(logits, labels, **head)
-    for name in fastpref.TokenStats._fields:
-        got = getattr(stats, name)
-        if name not in names:
-            assert got is None, name
-        elif name == "is_top1":
-            assert torch.equal(got, want[name])
-        else:
-            assert_close(got, want[name], rtol=1e-5, atol=1e-5, name=name)
+    assert_selected_stats(stats, names, want)
     selector = fastpref.api.stats_selector(selection)
     op_stats = token_logps_op(logits.detach(), labels, -100, 0.8, 20.0, None, 1.0, selector, False)[2]
     assert op_stats.shape == (len(names), 3, 5)
@@ -392,15 +385,8 @@ def test_linear_selected_statistics_only(tiles, selection):
     hidden, weight, bias, labels = linear_inputs(3, 5, 24, 2053, torch.float32)
     logps, stats = fastpref.linear_token_logps(hidden, weight, labels, bias=bias, return_stats=selection)
     logits = ref.linear_logits(hidden, weight, bias)
+    assert_selected_stats(stats, selection, ref.token_stats(logits, labels))
     want = ref.token_stats(logits, labels)
-    for name in fastpref.TokenStats._fields:
-        got = getattr(stats, name)
-        if name not in selection:
-            assert got is None, name
-        elif name == "is_top1":
-            assert torch.equal(got, want[name])
-        else:
-            assert_close(got, want[name], rtol=1e-5, atol=1e-5, name=name)
     g_logps = torch.randn(3, 5)
     outputs, upstream = [logps], [g_logps]
     want_outputs, want_upstream = [ref.token_logps(logits, labels)], [g_logps.double()]
