@@ -257,3 +257,8 @@ def test_e2e_times_grpo_steps_of_fastpref_train_and_patched_trl(tmp_path):
     for record in records:
         assert len(record["step_cpu_s"]) == toy.timed_steps and all(s > 0 for s in record["step_cpu_s"])
         assert record["tokens_per_step"] == pytest.approx(full, rel=0.1), record
+
+
+def test_gpu_check_parts_fit_one_device_call():
+    """A device call runs 10 minutes at most: the parts' budgets (each part is killed at its own) add up to less."""
+    assert sum(budget.seconds for budget in gpu_check.BUDGETS.values()) <= 600
