@@ -113,7 +113,6 @@ def test_grpo_resume_is_exact(tmp_path, prompts_file, monkeypatch, loss_type, nu
     (["--reward_model", "x", "--reward_funcs", "a:b", "--reward_weights", "1"], "--reward_weights"),
     (["--num_iterations", "2", "--save_steps", "3"], "--save_steps"),
     (["--top_p", "0"], "--top_p"),
-    (["--fsdp"], "--fsdp"),
     (["--use_peft", "--sft_warmup_steps", "3"], "--sft_warmup_steps"),
     (["--use_peft", "--beta", "0.1"], "--use_peft"),
 ])
@@ -330,7 +329,7 @@ def test_no_tokens_by_vocab_tensor_for_policy_old_policy_or_reference(tmp_path, 
         assert n_by_v >= completions * (length - 2) * vocab  # the completions ran (nearly) to their length
         with AllocationLog() as log:
             trainer.rl._logps(trainer.rl.ref_model, rollouts)
-            trainer.rl._logps(trainer.model, rollouts)
+            trainer.rl._logps(trainer.rl.policy, rollouts)
             trainer.rl.step()
         assert "aten.matmul.default" in log.ops() or "aten.mm.default" in log.ops()
         assert log.largest() <= vocab * 32  # the (V, H) gradients and weights; never N x V
