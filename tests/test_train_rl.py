@@ -121,6 +121,15 @@ def test_grpo_refusals_name_the_option(argv, message):
         parse_config("grpo", ["--reward_funcs", "m:f", "--per_device_train_batch_size", "8", *argv])
 
 
+@pytest.mark.parametrize("task", ["grpo", "rloo", "raft"])
+def test_smollm2_preset_samples_whole_groups(task):
+    """`--model smollm2-135m` for the RL tasks: its preset's batch holds whole groups (the common preset's batch
+    of 4 against GRPO's 8 completions per prompt was refused) and completions short enough for a CPU."""
+    config = parse_config(task, ["--model", "smollm2-135m", "--reward_funcs", "m:f"])
+    assert (config.per_device_train_batch_size * config.gradient_accumulation_steps) % config.num_generations == 0
+    assert config.max_completion_length <= 64 and config.max_steps > 0 and config.sft_warmup_steps == 0
+
+
 def test_trl_grpo_defaults():
     """The defaults are GRPOConfig's (those of fastpref's own choosing aside: the preset fills the demo's)."""
     trl = pytest.importorskip("trl")
