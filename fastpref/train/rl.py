@@ -9,6 +9,8 @@ micro-batches of per_device_train_batch_size completions and trained on num_iter
 step each). Per-token log-probs and entropies of the policy, of the old policy (num_iterations > 1) and of the
 reference (beta > 0) come from `fastpref.linear_token_logps` on the hidden states of the completion positions
 (temperature applied to the logits, as TRL's head): no (tokens x vocab) tensor is held for any of them.
+Every pass of the policy (sampling, old-policy and loss log-probs) goes through `PolicyModule.forward`, the
+sharded root under FSDP2, whose forward gathers the weights; the reference is a PolicyModule too.
 """
 
 from __future__ import annotations
