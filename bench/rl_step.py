@@ -7,7 +7,8 @@ backward to the policy's hidden states and LM head. Every contender gets the sam
 
 - fastpref: `fastpref.linear_token_logps` (entropy from its statistics for the policy, as `fastpref.train.rl` calls
   it) and `fastpref.losses.policy.policy_loss`: no (tokens x vocab) tensor;
-- textbook: logits h @ W.T materialised, fp32 log_softmax, gather, entropy -(p log p).sum, the same loss;
+- textbook: logits h @ W.T materialised, fp32 (fp64 for fp64 inputs) log_softmax, gather, entropy -(p log p).sum,
+  the same loss;
 - trl-logits: TRL's own `selective_log_softmax_and_entropy` / `selective_log_softmax` on the materialised logits
   (its path off the fused head) and TRL's `GRPOTrainer._compute_loss` on the result;
 - trl-fused: TRL's fused head (`ChunkedLogProbFunction` on the completion tokens, log-probs + entropy, as
@@ -109,7 +110,8 @@ def fastpref_head(hidden, weight, labels, entropy: bool):
 
 
 def textbook_head(hidden, weight, labels, entropy: bool):
-    logp = ((hidden @ weight.T).float() / TEMPERATURE).log_softmax(-1)
+    logits = hidden @ weight.T
+    logp = (logits.to(torch.promote_types(logits.dtype, torch.float32)) / TEMPERATURE).log_softmax(-1)
     token = logp.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1).masked_fill(labels == -100, 0.0)
     return token, (-(logp.exp() * logp).sum(-1) if entropy else None)
 
