@@ -163,7 +163,8 @@ def trl_loss(logps, entropies, old, ref, x: Inputs) -> torch.Tensor:
         loss_type="dapo", beta=BETA, epsilon_low=EPSILON, epsilon_high=EPSILON, importance_sampling_level="token",
         top_entropy_quantile=1.0, off_policy_mask_threshold=None, use_vllm=False, aux_loss_enabled=False,
         _entropy_bonus_enabled=False, current_gradient_accumulation_steps=1, accelerator=accelerator,
-        model=types.SimpleNamespace(training=True), _metrics=collections.defaultdict(lambda: collections.defaultdict(list)),
+        model=types.SimpleNamespace(training=True),
+        _metrics=collections.defaultdict(lambda: collections.defaultdict(list)),
         _get_per_token_logps_and_entropies=lambda *args, **kwargs: (logps, entropies, None),
     )
     mask = x.mask
@@ -242,7 +243,8 @@ def run_one(contender: str, shape: Shape, device: torch.device, repeats: int) ->
     return {
         "contender": contender, **dataclasses.asdict(shape), "completion_tokens": tokens,
         "dtype": str(dtype).removeprefix("torch."), "loss": float(loss),
-        "grad_norm_hidden": float(x.hidden.grad.float().norm()), "grad_norm_weight": float(x.weight.grad.float().norm()),
+        "grad_norm_hidden": float(x.hidden.grad.float().norm()),
+        "grad_norm_weight": float(x.weight.grad.float().norm()),
         "p50_s": statistics.median(times[1:]), "p50_cpu_s": statistics.median(cpu_times[1:]),
         "peak_extra_mb": round(peak_mb, 1),
         "textbook_logits_mb": round(tokens * shape.vocab * 4 / 2**20, 1),  # one fp32 (tokens x V) tensor
@@ -280,13 +282,13 @@ def over_rounds(rows: list[dict]) -> dict:
 def markdown(rows: list[dict]) -> str:
     base = next((r for r in rows if r["contender"] == "fastpref"), None)
     time_key = "p50_s" if rows and rows[0]["device"] == "cuda" else "p50_cpu_s"
-    lines = ["| contender | step p50 (s) | CPU time p50 (s) | vs fastpref (time) | peak extra (MB) | vs fastpref (memory) "
-             "| loss | grad norm (W) |", "|---|---|---|---|---|---|---|---|"]
+    lines = ["| contender | step p50 (s) | CPU time p50 (s) | vs fastpref (time) | peak extra (MB) "
+             "| vs fastpref (memory) | loss | grad norm (W) |", "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         ratio = f"{r[time_key] / base[time_key]:.2f}x" if base else "—"
         memory = f"{r['peak_extra_mb'] / base['peak_extra_mb']:.1f}x" if base and base["peak_extra_mb"] > 0 else "—"
-        lines.append(f"| {r['contender']} | {r['p50_s']:.3f} | {r['p50_cpu_s']:.3f} | {ratio} | {r['peak_extra_mb']:.0f} "
-                     f"| {memory} | {r['loss']:.6f} | {r['grad_norm_weight']:.6g} |")
+        lines.append(f"| {r['contender']} | {r['p50_s']:.3f} | {r['p50_cpu_s']:.3f} | {ratio} "
+                     f"| {r['peak_extra_mb']:.0f} | {memory} | {r['loss']:.6f} | {r['grad_norm_weight']:.6g} |")
     return "\n".join(lines)
 
 
