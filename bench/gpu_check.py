@@ -7,10 +7,11 @@ parts run in order, each in its own process killed at its budget, so one that ha
 | part | what | budget |
 |---|---|---|
 | peers | `pip install --no-deps --no-index` of the wheels in `--wheels DIR` (or $GPU_WHEELS), if given | 20 s |
-| tests | `pytest tests/test_gpu.py`, kernels compiled (TRITON_INTERPRET=0) | 180 s |
-| logits | `fastpref bench --op logits` on llama3-8b, gemma2-2b, qwen2.5-7b (starts nothing after 55 s) | 80 s |
-| linear | `fastpref bench --op linear`, same configs and methods (starts nothing after 105 s) | 140 s |
-| e2e | `fastpref bench e2e --rounds 1`: whole DPO / SFT / GRPO steps, fastpref train vs TRL stock and patched | 170 s |
+| tests | `pytest tests/test_gpu.py`, kernels compiled (TRITON_INTERPRET=0) | 170 s |
+| logits | `fastpref bench --op logits` on llama3-8b, gemma2-2b, qwen2.5-7b (starts nothing after 50 s) | 70 s |
+| linear | `fastpref bench --op linear`, same configs and methods (starts nothing after 100 s) | 130 s |
+| e2e | `fastpref bench e2e --rounds 1`: whole DPO / SFT / GRPO steps, fastpref train vs TRL stock and patched | 140 s |
+| rl | `fastpref bench rl --rounds 1`: a GRPO micro-batch's policy / old / reference log-probs, entropy, loss | 60 s |
 
 The GPU tests: bf16 parity, CUDA-graph capture + replay of every linear op and of a DPO step, host
 syncs under `torch.cuda.set_sync_debug_mode`, a head on a second GPU (where two are), llama3-8b's
@@ -49,7 +50,7 @@ from pathlib import Path
 
 import torch
 
-from fastpref.bench import machine, report
+from fastpref.bench import machine, report, rl_step
 from fastpref.bench.configs import MICRO_CONFIG, MODEL_CONFIGS
 
 ROOT = Path(__file__).resolve().parent.parent  # the checkout (`make gpu-check` installs it editable)
@@ -69,12 +70,13 @@ class Budget:
     time_box: float | None = None
 
 
-BUDGETS = {"peers": Budget(20), "tests": Budget(180), "logits": Budget(80, 55), "linear": Budget(140, 105),
-           "e2e": Budget(170)}
+BUDGETS = {"peers": Budget(20), "tests": Budget(170), "logits": Budget(70, 50), "linear": Budget(130, 100),
+           "e2e": Budget(140), "rl": Budget(60)}
 DRY_RUN_BUDGETS = {"peers": Budget(60), "tests": Budget(120), "logits": Budget(120, 90), "linear": Budget(180, 150),
-                   "e2e": Budget(120)}
-# --dry-run's e2e: the toy model, fastpref train alone (TRL left out, as above)
+                   "e2e": Budget(120), "rl": Budget(60)}
+# --dry-run's e2e and rl: toy sizes, fastpref and the textbook alone (TRL left out, as above)
 DRY_RUN_E2E = ["--quick", "--device", "cpu", "--tasks", "sft", "--contenders", "fastpref"]
+DRY_RUN_RL = ["--quick", "--device", "cpu", "--contenders", "fastpref", "textbook", "--repeats", "1"]
 
 
 @dataclass(frozen=True)
@@ -139,6 +141,8 @@ def plan(out: Path, wheels: Path | None, dry_run: bool) -> list[Part | Outcome]:
         parts.append(Part(op, [*bench, "--time_box", str(budget.time_box)], budget, compiled))
     e2e = [sys.executable, "-m", "fastpref.bench", "e2e", "--rounds", "1", "--out", str(out)]
     parts.append(Part("e2e", [*e2e, *(DRY_RUN_E2E if dry_run else [])], budgets["e2e"], compiled))
+    rl = [sys.executable, "-m", "fastpref.bench", "rl", "--rounds", "1", "--out", str(out)]
+    parts.append(Part("rl", [*rl, *(DRY_RUN_RL if dry_run else [])], budgets["rl"], compiled))
     return parts
 
 
@@ -175,10 +179,10 @@ def test_counts(output: str) -> tuple[Counter, list[str]]:
     return counts, failed
 
 
-def load_records(out: Path, since: datetime.datetime) -> list[dict]:
-    """This run's records: those of <out>/<op>.jsonl stamped at or after `since`."""
+def load_records(out: Path, since: datetime.datetime, names=OPS) -> list[dict]:
+    """This run's records: those of <out>/<name>.jsonl stamped at or after `since`."""
     records = []
-    for op in OPS:
+    for op in names:
         path = out / f"{op}.jsonl"
         if path.exists():
             lines = path.read_text().splitlines()
@@ -214,7 +218,7 @@ def results_table(records: list[dict]) -> list[str]:
     return lines
 
 
-def summary(tags: dict, outcomes: list[Outcome], records: list[dict], dry_run: bool) -> str:
+def summary(tags: dict, outcomes: list[Outcome], records: list[dict], dry_run: bool, rl_records=()) -> str:
     peers = ", ".join(f"{name} {version or 'absent'}" for name, version in tags["peers"].items())
     lines = [
         f"## `make gpu-check`{' --dry-run' if dry_run else ''} on {tags['device_name']}, {tags['timestamp']}",
@@ -235,6 +239,8 @@ def summary(tags: dict, outcomes: list[Outcome], records: list[dict], dry_run: b
     lines += ["", "fwd+bwd; × TRL: p50 over TRL's on the same shape; × floor: p50 over the valid-token GEMMs alone"]
     lines += ["(linear) or three passes over the logits at the measured copy bandwidth (logits).", ""]
     lines += results_table(records) if records else ["No benchmark records."]
+    if rl_records:
+        lines += ["", "RL step (`fastpref bench rl`, bench/rl_step.py):", "", rl_step.markdown(rl_records)]
     notes = [line for o in outcomes if o.name in OPS for line in o.output.splitlines() if line.startswith("- ")]
     if notes:
         lines += ["", "Benchmark notes:", *notes]
@@ -276,7 +282,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[gpu-check] {outcomes[-1].name}: {outcomes[-1].status}, {outcomes[-1].seconds:.0f} s", flush=True)
     write_log(out / "gpu_check.log", outcomes)
     device = torch.device("cpu" if args.dry_run or not torch.cuda.is_available() else "cuda")
-    text = summary(machine.tags(device), outcomes, load_records(out, since), args.dry_run)
+    rl_records = load_records(out, since, ("rl_step",))
+    text = summary(machine.tags(device), outcomes, load_records(out, since), args.dry_run, rl_records)
     (out / "gpu_check.md").write_text(text)
     print(text)
     print(f"[gpu-check] {out / 'gpu_check.md'}, {out / 'gpu_check.log'}")

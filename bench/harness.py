@@ -194,12 +194,17 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run, append the records to <out>/<op>.jsonl, print a markdown table per op, plot <out>/<op>.png.
-    Exit status 1 when a method failed (the others' records are still written). `e2e` first: bench/e2e.py."""
+    Exit status 1 when a method failed (the others' records are still written). `e2e` first: bench/e2e.py; `rl`
+    first: bench/rl_step.py."""
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["e2e"]:
         from fastpref.bench import e2e
 
         return e2e.main(argv[1:])
+    if argv[:1] == ["rl"]:
+        from fastpref.bench import rl_step
+
+        return rl_step.main(argv[1:])
     args = parse_args(argv)
     deadline = None if args.time_box is None else time.monotonic() + args.time_box
     device = torch.device(args.device)

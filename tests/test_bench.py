@@ -193,6 +193,44 @@ def test_e2e_times_whole_steps_of_fastpref_train_and_patched_trl(tmp_path):
     assert exit_info.value.code == 0
 
 
+@pytest.mark.parametrize("contender", ["fastpref", "trl-logits", "trl-fused"])
+def test_rl_step_contenders_compute_the_textbook_step(contender):
+    """`fastpref bench rl`'s GRPO step at toy size: each contender (TRL's `_compute_loss` on its stand-in trainer
+    included) gives the textbook's loss and gradients on the same tensors, so the benchmark times the same work."""
+    from fastpref.bench import rl_step
+
+    reason = rl_step.unavailable(contender)
+    if reason:
+        pytest.skip(reason)
+    results = {}
+    for name in ("textbook", contender):
+        x = rl_step.setup(rl_step.TOY, CPU, torch.float32)
+        loss = rl_step.step(name, x)
+        results[name] = (loss, x.hidden.grad, x.weight.grad)
+    (want_loss, *want_grads), (loss, *grads) = results["textbook"], results[contender]
+    assert want_loss.abs() > 0.1 and all(g.abs().max() > 0 for g in want_grads)
+    torch.testing.assert_close(loss, want_loss, rtol=1e-5, atol=1e-6)
+    for grad, want in zip(grads, want_grads):
+        torch.testing.assert_close(grad, want, rtol=1e-4, atol=1e-6)
+
+
+def test_rl_step_run_row_and_table():
+    from fastpref.bench import rl_step
+
+    threads = torch.get_num_threads()
+    try:
+        row = rl_step.run_one("fastpref", rl_step.TOY, CPU, repeats=1)
+    finally:
+        torch.set_num_threads(threads)
+    assert row["completions"] == 2 and row["length"] == 16 and row["vocab"] == 1000 and row["dtype"] == "float32"
+    assert 16 <= row["completion_tokens"] <= 32 and row["p50_s"] > 0 and row["p50_cpu_s"] > 0
+    assert row["peak_extra_mb"] >= 0 and row["device"] == "cpu" and row["torch"] == torch.__version__
+    assert "| fastpref | " in rl_step.markdown([rl_step.over_rounds([row, row])])
+    with pytest.raises(SystemExit) as exit_info:
+        harness.main(["rl", "--help"])  # `fastpref bench rl` reaches it
+    assert exit_info.value.code == 0
+
+
 def test_gpu_check_part_is_killed_at_its_budget():
     sleep = "print('started', flush=True); import time; time.sleep(60)"
     sleeper = gpu_check.Part("sleeper", [sys.executable, "-c", sleep], gpu_check.Budget(2))
@@ -215,7 +253,8 @@ def test_gpu_check_dry_run(tmp_path):
     """`make gpu-check`'s plumbing on this CPU: every part runs, the records land in --out, one summary."""
     assert gpu_check.main(["--dry-run", "--out", str(tmp_path)]) == 0
     text = (tmp_path / "gpu_check.md").read_text()
-    for part in ("| peers | — | 0 | not run: no --wheels", "| tests | ", "| logits | ", "| linear | ", "| e2e | "):
+    for part in ("| peers | — | 0 | not run: no --wheels", "| tests | ", "| logits | ", "| linear | ", "| e2e | ",
+                 "| rl | ", "| fastpref | ", "| textbook | "):
         assert part in text, part
     assert "tests/test_gpu.py: " in text and " skipped" in text
     records = [json.loads(line) for op in gpu_check.OPS for line in (tmp_path / f"{op}.jsonl").read_text().splitlines()]

@@ -373,3 +373,19 @@ def test_llama3_8b_single_pass_peak_memory(monkeypatch):
     print(f"peak above inputs {peak / 1e9:.3f} GB, planned {planned / 1e9:.3f} GB")
     assert peak <= planned + (64 << 20), f"peak {peak / 1e9:.3f} GB vs planned {planned / 1e9:.3f} GB"
     assert peak <= 1.7e9
+
+
+def test_rl_step_bf16_is_no_worse_than_the_textbook(monkeypatch):
+    """`fastpref bench rl`'s GRPO step (old / reference / policy log-probs with entropy, dapo loss, backward) in bf16:
+    fastpref's loss and head gradient no further from the float64 step than the textbook bf16 step's."""
+    monkeypatch.setenv("FASTPREF_BACKEND", "triton")
+    from fastpref.bench import rl_step
+
+    shape = rl_step.Shape(completions=4, length=128, hidden=256, vocab=32000)
+    results = {}
+    for name, dtype in (("truth", torch.float64), ("textbook", torch.bfloat16), ("fastpref", torch.bfloat16)):
+        x = rl_step.setup(shape, torch.device(DEVICE), dtype)
+        loss = rl_step.step("textbook" if name == "truth" else name, x)
+        results[name] = (loss.double().reshape(1), x.weight.grad.double())
+    for i, what in enumerate(("loss", "grad_weight")):
+        assert_no_worse(what, results["fastpref"][i], results["textbook"][i], results["truth"][i])

@@ -259,34 +259,59 @@ def test_host_memory_of_saving_and_resuming_stays_near_one_shard(tmp_path):
 
 
 def _grpo(out: Path, prompts: Path, **options) -> Path:
-    """A 2-process `fastpref train grpo` job (DDP, gloo); each rank samples its own prompts."""
+    """A 2-process `fastpref train grpo` job (gloo; with the worker's probes); each rank samples its own prompts."""
     out.mkdir(parents=True, exist_ok=True)
     settings = dict(model_name_or_path=model_dir(), dataset_name=prompts, reward_funcs="rl_rewards:glad",
-                    num_generations=4, per_device_train_batch_size=8, max_completion_length=6, max_steps=2,
-                    learning_rate=1e-3, logging_steps=1, disable_tqdm=True, plot=False, torch_threads=1,
-                    output_dir=out, save_steps=1, **options)
-    env_path = os.pathsep.join([str(REPO), str(REPO / "tests")])
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               "-m", "fastpref.cli", "train", "grpo", *_cli(settings)]
-    log_file = out.parent / f"{out.name}.log"
-    with open(log_file, "w") as log:
-        done = subprocess.run(command, env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": env_path},
-                              stdout=log, stderr=subprocess.STDOUT, timeout=300, cwd=REPO)
-    assert done.returncode == 0, log_file.read_text()[-5000:]
+                    num_generations=4, per_device_train_batch_size=8, max_completion_length=6, learning_rate=1e-3,
+                    logging_steps=1, disable_tqdm=True, plot=False, torch_threads=1, output_dir=out, **options)
+    code, text = torchrun([str(WORKER), "grpo", *_cli(settings)], out.parent / f"{out.name}.log")
+    assert code == 0, text[-5000:]
     return out
 
 
-def test_grpo_two_processes_resume_exactly(tmp_path):
-    """2 gloo processes, each sampling its own prompts with its own seed: 2 steps straight == 1 step, a restart
-    from checkpoint-1, 1 more (identical weights)."""
+def test_grpo_two_processes_ddp_and_fsdp_resume_exactly(tmp_path):
+    """2 gloo processes, each sampling its own prompts with its own seed, a live reference (beta > 0), the old
+    policy's log-probs (num_iterations 2), the entropy quantile over both ranks, held-out evaluations with the KL
+    (3 held-out prompts, one per pass: rank 1 samples a filler pass to match rank 0's two). DDP and FSDP2 each: 4 steps
+    straight == 2 steps, a restart from checkpoint-2, 2 more (identical weights); FSDP2 follows DDP (same metrics,
+    same weights within rounding); under FSDP2 each sampling call gathers every layer once (not once per new
+    token) and reshards it after; each rank's checkpoint holds its half of the optimizer state."""
     prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": r["prompt"]} for r in pair_rows(12, 1)])
-    straight = _grpo(tmp_path / "straight", prompts, top_entropy_quantile=0.5)  # the quantile over both ranks
-    rows = [r for r in read_jsonl(straight / "metrics.jsonl") if "reward" in r]
-    assert [r["step"] for r in rows] == [1, 2] and rows[0]["num_tokens"] > 0
-    resumed = tmp_path / "resumed"
-    resumed.mkdir()
-    resume_copy(straight / "checkpoint-1", resumed)
-    _grpo(resumed, prompts, resume_from_checkpoint="last", top_entropy_quantile=0.5)
-    a, b = weights(straight), weights(resumed)
-    for name in a:
-        torch.testing.assert_close(b[name], a[name], rtol=0, atol=0, msg=name)
+    options = dict(max_steps=4, save_steps=2, beta=0.04, num_iterations=2, top_entropy_quantile=0.5, eval_steps=2,
+                   per_device_eval_batch_size=2)  # one held-out prompt per pass: 2 passes on rank 0, 1 on rank 1
+    runs = {}
+    for mode in ("ddp", "fsdp"):
+        straight = _grpo(tmp_path / f"{mode}-straight", prompts, fsdp=mode == "fsdp", **options)
+        resume_copy(straight / "checkpoint-2", tmp_path / f"{mode}-resumed")
+        resumed = _grpo(tmp_path / f"{mode}-resumed", prompts, fsdp=mode == "fsdp", resume_from_checkpoint="last",
+                        **options)
+        a, b = weights(straight), weights(resumed)
+        for name in a:
+            torch.testing.assert_close(b[name], a[name], rtol=0, atol=0, msg=f"{mode} {name}")
+        runs[mode] = (straight, a)
+    rows = {mode: read_jsonl(out / "metrics.jsonl") for mode, (out, _) in runs.items()}
+    train = {mode: [r for r in rows[mode] if "reward" in r or "loss" in r] for mode in rows}
+    assert [r["step"] for r in train["fsdp"]] == [1, 2, 3, 4] and train["fsdp"][0]["num_tokens"] > 0
+    evals = {mode: [r for r in rows[mode] if "eval_reward" in r] for mode in rows}
+    assert [r["step"] for r in evals["fsdp"]] == [0, 2, 4] and "eval_kl" in evals["fsdp"][-1]
+    for ddp, fsdp in zip(train["ddp"] + evals["ddp"], train["fsdp"] + evals["fsdp"], strict=True):
+        assert set(fsdp) == set(ddp)
+        for name, value in ddp.items():
+            if name not in ("elapsed_s", "tokens_per_second", "peak_memory_mb"):  # the clock's and the memory's
+                assert fsdp[name] == pytest.approx(value, rel=1e-5, abs=1e-6), (name, ddp, fsdp)
+    assert train["fsdp"][1]["kl"] > 0 and train["fsdp"][0]["loss"] != train["fsdp"][2]["loss"]
+    (_, ddp_weights), (_, fsdp_weights) = runs["ddp"], runs["fsdp"]
+    for name, value in ddp_weights.items():
+        torch.testing.assert_close(fsdp_weights[name], value, rtol=1e-5, atol=1e-6, msg=name)
+
+    fsdp_straight = runs["fsdp"][0]
+    for probe in probes(fsdp_straight):
+        units = 3  # tiny_config's 2 decoder layers and the root's own weights (gathered once, kept until backward)
+        assert probe["sample"] and all(call["all_gathers"] <= units for call in probe["sample"]), probe["sample"]
+        assert min(call["forwards"] for call in probe["sample"]) > units
+        assert {call["layer_weight_after"] for call in probe["sample"]} == {"DTensor"}
+        assert probe["forward"]["reference_head_after_forward"] == "DTensor"  # the reference resharded too
+    optimizer_files = sorted((fsdp_straight / "checkpoint-2" / "optimizer").glob("shard-*.safetensors"))
+    total = sum(_tensor_bytes(p) for p in optimizer_files)
+    for rank in ("shard-00001", "shard-00002"):
+        assert sum(_tensor_bytes(p) for p in optimizer_files if p.name.startswith(rank)) < 0.75 * total, rank

@@ -113,13 +113,21 @@ def test_grpo_resume_is_exact(tmp_path, prompts_file, monkeypatch, loss_type, nu
     (["--reward_model", "x", "--reward_funcs", "a:b", "--reward_weights", "1"], "--reward_weights"),
     (["--num_iterations", "2", "--save_steps", "3"], "--save_steps"),
     (["--top_p", "0"], "--top_p"),
-    (["--fsdp"], "--fsdp"),
     (["--use_peft", "--sft_warmup_steps", "3"], "--sft_warmup_steps"),
     (["--use_peft", "--beta", "0.1"], "--use_peft"),
 ])
 def test_grpo_refusals_name_the_option(argv, message):
     with pytest.raises(ValueError, match=message.replace("-", r"\-")):
         parse_config("grpo", ["--reward_funcs", "m:f", "--per_device_train_batch_size", "8", *argv])
+
+
+@pytest.mark.parametrize("task", ["grpo", "rloo", "raft"])
+def test_smollm2_preset_samples_whole_groups(task):
+    """`--model smollm2-135m` for the RL tasks: its preset's batch holds whole groups (the common preset's batch
+    of 4 against GRPO's 8 completions per prompt was refused) and completions short enough for a CPU."""
+    config = parse_config(task, ["--model", "smollm2-135m", "--reward_funcs", "m:f"])
+    assert (config.per_device_train_batch_size * config.gradient_accumulation_steps) % config.num_generations == 0
+    assert config.max_completion_length <= 64 and config.max_steps > 0 and config.sft_warmup_steps == 0
 
 
 def test_trl_grpo_defaults():
@@ -330,7 +338,7 @@ def test_no_tokens_by_vocab_tensor_for_policy_old_policy_or_reference(tmp_path, 
         assert n_by_v >= completions * (length - 2) * vocab  # the completions ran (nearly) to their length
         with AllocationLog() as log:
             trainer.rl._logps(trainer.rl.ref_model, rollouts)
-            trainer.rl._logps(trainer.model, rollouts)
+            trainer.rl._logps(trainer.rl.policy, rollouts)
             trainer.rl.step()
         assert "aten.matmul.default" in log.ops() or "aten.mm.default" in log.ops()
         assert log.largest() <= vocab * 32  # the (V, H) gradients and weights; never N x V

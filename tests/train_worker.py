@@ -8,6 +8,8 @@ OUTPUT_DIR/probes_rank<r>.json for the test to read:
 - "startup": the RSS when the Trainer starts and its high-water mark once it is built (model loaded and placed).
 - "forward": the dtype of a decoder layer's weight and of the reference log-probs as the policy's forward sees them,
   and the type of the live reference's head weight after its forward (DTensor: resharded; Tensor: still gathered).
+- "sample" (RL tasks): per call of RLStage.sample, the all-gathers it made (FSDP2 gathering weights) and the
+  policy's forwards (one per new token), and whether the policy's weights were resharded after it.
 """
 
 from __future__ import annotations
@@ -16,11 +18,13 @@ import json
 import sys
 from pathlib import Path
 
-from fastpref.train import checkpoint, loop
+import torch.distributed as tdist
+
+from fastpref.train import checkpoint, loop, rl
 from fastpref.train.config import parse_config
 from fastpref.train.distributed import init, shutdown
 
-PROBES: dict = {"save": [], "load": [], "forward": {}}
+PROBES: dict = {"save": [], "load": [], "forward": {}, "sample": []}
 
 
 def _status_mb(field: str) -> float:
@@ -68,10 +72,39 @@ def _trainer_init(original):
     return wrapper
 
 
+def _sample(original):
+    def wrapper(self, *args, **kwargs):
+        counts = {"all_gathers": 0, "forwards": 0}
+        patched = {}
+        for name in ("all_gather_single", "all_gather_into_tensor"):  # what FSDP2's all-gather calls
+            if hasattr(tdist, name):
+                patched[name] = getattr(tdist, name)
+
+                def counting(*a, _fn=patched[name], **k):
+                    counts["all_gathers"] += 1
+                    return _fn(*a, **k)
+
+                setattr(tdist, name, counting)
+        hook = self.trainer.model.get_output_embeddings().register_forward_hook(
+            lambda *_: counts.update(forwards=counts["forwards"] + 1))
+        try:
+            return original(self, *args, **kwargs)
+        finally:
+            hook.remove()
+            for name, fn in patched.items():
+                setattr(tdist, name, fn)
+            layer = loop.distributed._decoder_layers(self.trainer.module)[0]
+            weight = next(p for p in layer.parameters() if p.dim() == 2)
+            PROBES["sample"].append({**counts, "layer_weight_after": type(weight).__name__})
+
+    return wrapper
+
+
 def main(argv: list[str]) -> None:
     checkpoint.save = _measured("save", checkpoint.save)
     checkpoint.load = _measured("load", checkpoint.load)
     loop.Trainer.__init__ = _trainer_init(loop.Trainer.__init__)
+    rl.RLStage.sample = _sample(rl.RLStage.sample)
     config = parse_config(argv[0], argv[1:])
     dist = init()
     try:

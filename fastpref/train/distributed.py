@@ -9,6 +9,7 @@ travel from rank 0 one tensor at a time. Under FSDP2 each rank then keeps only i
 from __future__ import annotations
 
 import builtins
+import contextlib
 import datetime
 import os
 from collections.abc import Callable
@@ -192,6 +193,27 @@ def wrap(module: nn.Module, dist: Dist, fsdp: bool, bf16: bool = False) -> nn.Mo
 
     ids = [dist.device.index] if dist.device.type == "cuda" else None
     return DistributedDataParallel(module, device_ids=ids)
+
+
+@contextlib.contextmanager
+def gathered(root: nn.Module):
+    """Inside the forward of the FSDP2 root `root`: its inner FSDP2 units (the decoder layers, resharded after each
+    forward in training) all-gathered once on entry and kept whole until the block ends, then resharded. For a pass of
+    many small forwards, generation's one per new token: without it each would all-gather every layer, and since
+    each rank stops at its own EOS the ranks' counts of forwards, hence of collectives, would differ (a hang). Inside
+    the block there is no collective. Nothing for a module that is not sharded (one process, DDP)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    units = [m for m in root.modules() if isinstance(m, FSDPModule) and m is not root]
+    for unit in units:
+        unit.set_reshard_after_forward(False, recurse=False)
+        unit.unshard()
+    try:
+        yield
+    finally:
+        for unit in units:
+            unit.set_reshard_after_forward(True, recurse=False)
+            unit.reshard()
 
 
 def _decoder_layers(module: nn.Module) -> list[nn.Module]:

@@ -237,6 +237,9 @@ class Trainer:
             else:
                 self.ref_model = self._live_reference(loaded)
                 self.reference = {"kind": "live"}
+        elif self.task in rl.RL_TASKS and getattr(c, "beta", 0.0) != 0.0:  # grpo / rloo: a live reference
+            self.ref_model = self._policy_reference(loaded)
+            self.reference = {"kind": "live"}
         loaded.model = None  # under FSDP2, rank 0's full copy goes now
 
         from transformers import get_scheduler
@@ -278,9 +281,11 @@ class Trainer:
         module.to(dist.device)
         return distributed.wrap(module, dist, False)
 
-    def _sharded_reference(self, loaded: distributed.Loaded) -> torch.nn.Module:
-        """A frozen copy of the starting model, sharded like the policy (FSDP2, same mixed precision)."""
-        ref = ReferenceModule(loaded.empty(), self.config.ld_alpha).requires_grad_(False)
+    def _sharded_reference(self, loaded: distributed.Loaded, make=None) -> torch.nn.Module:
+        """A frozen copy of the starting model in the module `make(model)` builds (default: a ReferenceModule),
+        sharded like the policy (FSDP2, same mixed precision)."""
+        empty = loaded.empty()
+        ref = (make(empty) if make else ReferenceModule(empty, self.config.ld_alpha)).requires_grad_(False)
         self._place(ref, loaded.model)
         return ref.eval()
 
@@ -288,6 +293,14 @@ class Trainer:
         if self.fsdp:
             return self._sharded_reference(loaded)
         return ReferenceModule(modeling.frozen_copy(self.model), self.config.ld_alpha).eval()
+
+    def _policy_reference(self, loaded: distributed.Loaded) -> torch.nn.Module:
+        """The RL stage's reference: a frozen copy of the starting policy in a PolicyModule (its passes go through
+        the same forward as the policy's), sharded like the policy under FSDP2."""
+        make = lambda model: rl.PolicyModule(model, self.config)  # noqa: E731
+        if self.fsdp:
+            return self._sharded_reference(loaded, make)
+        return make(modeling.frozen_copy(self.model)).eval()
 
     def _reference_key(self, loaded: distributed.Loaded) -> str:
         """The reference cache's key, from rank 0's starting weights and the dtype the pass computes in."""

@@ -9,6 +9,8 @@ micro-batches of per_device_train_batch_size completions and trained on num_iter
 step each). Per-token log-probs and entropies of the policy, of the old policy (num_iterations > 1) and of the
 reference (beta > 0) come from `fastpref.linear_token_logps` on the hidden states of the completion positions
 (temperature applied to the logits, as TRL's head): no (tokens x vocab) tensor is held for any of them.
+Every pass of the policy (sampling, old-policy and loss log-probs) goes through `PolicyModule.forward`, the
+sharded root under FSDP2, whose forward gathers the weights; the reference is a PolicyModule too.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from fastpref.losses.policy import (
     rloo_loss,
 )
 from fastpref.model_head import head_of, hidden_states
-from fastpref.train import metrics
+from fastpref.train import distributed, metrics
 from fastpref.train.data import (
     Example,
     Renderer,
@@ -42,7 +44,7 @@ from fastpref.train.data import (
     _split_by_prompt,
     load_rows,
 )
-from fastpref.train.modeling import TaskModule, frozen_copy
+from fastpref.train.modeling import TaskModule
 from fastpref.train.rl_config import DEFAULT_REWARD_MODEL, RLConfig, starting_policy  # noqa: F401
 
 RL_TASKS = ("grpo", "rloo", "raft")
@@ -187,9 +189,20 @@ def token_logps(model, prompt_ids, prompt_mask, completion_ids, mask, temperatur
 
 
 class PolicyModule(TaskModule):
-    """forward(micro-batch of rollouts) -> (GRPO-family or RLOO loss, TRL's metrics as (sum, units))."""
+    """forward(micro-batch of rollouts) -> (GRPO-family or RLOO loss, TRL's metrics as (sum, units)).
+
+    The model's other passes go through this forward too, chosen by batch["run"]: "generate" (the model's
+    `generate` on batch["inputs"] -> the sequences) and "logps" (per-token log-probs (B, C), no loss). Under FSDP2
+    this module is the sharded root, and the root's forward is what gathers the weights held at its level."""
 
     def forward(self, batch):
+        run = batch.get("run", "loss")
+        if run == "generate":
+            with distributed.gathered(self):
+                return self.model.generate(**batch["inputs"])
+        if run == "logps":
+            return token_logps(self.model, batch["prompt_ids"], batch["prompt_mask"], batch["completion_ids"],
+                               batch["completion_mask"], self.config.temperature, False)[0]
         c = self.config
         mask = batch["completion_mask"]
         logps, entropies = token_logps(self.model, batch["prompt_ids"], batch["prompt_mask"], batch["completion_ids"],
@@ -289,8 +302,8 @@ class RLStage:
         path = reward_model_path(c)
         reward_model = RewardModel(path, t.device, c.per_device_eval_batch_size) if path else None
         self.rewards = Rewards(reward_model, [load_reward_func(s) for s in c.reward_funcs or []], c.reward_weights)
-        self.ref_model = frozen_copy(t.model) if getattr(c, "beta", 0.0) != 0.0 else None
-        t.reference = {"kind": "live" if self.ref_model is not None else "none"}
+        self.policy = t.module  # under FSDP2 the sharded root: every pass of the policy goes through its forward
+        self.ref_model = t.ref_model  # a PolicyModule too (beta > 0), built by the Trainer
         tok = t.tokenizer
         self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
         self.eos_id = tok.eos_token_id
@@ -312,17 +325,16 @@ class RLStage:
         """k completions per prompt (consecutive), sampled with `seed`; returns the padded tensors and texts."""
         t = self.trainer
         device = t.device
-        model = t.model
         prompt_ids, prompt_mask = left_pad([ex.prompt for ex in examples for _ in range(k)], self.pad_id)
         prompt_ids, prompt_mask = prompt_ids.to(device), prompt_mask.to(device)
         devices = [device] if device.type == "cuda" else []
-        was_training = model.training
-        model.eval()
+        was_training = self.policy.training
+        self.policy.eval()
         with torch.random.fork_rng(devices=devices), t.autocast():
             torch.manual_seed(seed)
-            out = model.generate(input_ids=prompt_ids, attention_mask=prompt_mask,
-                                 generation_config=self._generation_config())
-        model.train(was_training)
+            out = self.policy({"run": "generate", "inputs": dict(
+                input_ids=prompt_ids, attention_mask=prompt_mask, generation_config=self._generation_config())})
+        self.policy.train(was_training)
         completion_ids = out[:, prompt_ids.shape[1]:]
         if completion_ids.shape[1] == 0:
             completion_ids = torch.full((len(completion_ids), 1), self.pad_id, dtype=torch.long, device=device)
@@ -390,7 +402,7 @@ class RLStage:
         rollouts["num_items"] = mask.sum().float()  # this process's generation batch (dapo / cispo / vespo)
         with torch.no_grad(), t.autocast():
             if self.iterations > 1 or c.task == "rloo":  # the sampling policy's log-probs, for the ratios
-                rollouts["old_logps"] = self._logps(t.model, rollouts)
+                rollouts["old_logps"] = self._logps(self.policy, rollouts)
             if self.ref_model is not None:
                 rollouts["ref_logps"] = self._logps(self.ref_model, rollouts)
         if c.task == "rloo":
@@ -453,14 +465,14 @@ class RLStage:
         advantages = leave_one_out_advantages(rewards, c.num_generations, c.normalize_advantages)
         return Advantages(advantages, std, torch.isclose(std, torch.zeros_like(std))), extra
 
-    def _logps(self, model, rollouts) -> torch.Tensor:
-        c, per = self.config, self.config.per_device_train_batch_size
+    def _logps(self, module: PolicyModule, rollouts) -> torch.Tensor:
+        """(B, C) per-token log-probs of the rollouts under `module` (the policy or the reference), in micro-batches."""
+        per = self.config.per_device_train_batch_size
+        keys = ("prompt_ids", "prompt_mask", "completion_ids", "completion_mask")
         parts = []
         for start in range(0, len(rollouts["completion_ids"]), per):
-            s = slice(start, start + per)
-            logps, _ = token_logps(model, rollouts["prompt_ids"][s], rollouts["prompt_mask"][s],
-                                   rollouts["completion_ids"][s], rollouts["completion_mask"][s], c.temperature, False)
-            parts.append(logps.float())
+            batch = {key: rollouts[key][start:start + per] for key in keys}
+            parts.append(module({"run": "logps", **batch}).float())
         return torch.cat(parts)
 
     # --- one optimizer step ---
@@ -514,12 +526,24 @@ class RLStage:
         if not examples:
             return {}
         mine = examples[dist.rank::dist.world]
+        longest = examples[0::dist.world]  # rank 0's share: every rank runs as many passes, of as many rows
         k = 2
         acc = metrics.Accumulator()
         per = max(1, c.per_device_eval_batch_size // k)
-        for start in range(0, len(mine), per):
+        for start in range(0, len(longest), per):
             chunk = mine[start:start + per]
-            rollouts = self.sample(chunk, k, sampling_seed(c.seed, start, dist.rank, salt=1 + (split == "train")))
+            filler = len(longest[start:start + per]) - len(chunk)  # rows sampled and dropped: FSDP2's passes are
+            rollouts = self.sample(chunk + longest[:1] * filler, k,  # collective, so no rank may skip one
+                                   sampling_seed(c.seed, start, dist.rank, salt=1 + (split == "train")))
+            kept = len(chunk) * k
+            logps = ref = None
+            if self.ref_model is not None:
+                with t.autocast():
+                    logps = self._logps(self.policy, rollouts)[:kept]
+                    ref = self._logps(self.ref_model, rollouts)[:kept]
+            if not chunk:
+                continue
+            rollouts = {name: value[:kept] for name, value in rollouts.items()}
             per_func = self.score(chunk, k, rollouts)
             rewards = (per_func * self.rewards.weights).nansum(1)
             finite = ~torch.isnan(rewards)
@@ -527,10 +551,7 @@ class RLStage:
             values = {"reward": (rewards[finite].double().sum(), finite.sum().double()),
                       "reward_sq": ((rewards[finite].double() ** 2).sum(), finite.sum().double()),
                       "completions/mean_length": (rollouts["completion_mask"].sum().double().cpu(), n)}
-            if self.ref_model is not None:
-                with t.autocast():
-                    logps = self._logps(t.model, rollouts)
-                    ref = self._logps(self.ref_model, rollouts)
+            if ref is not None:
                 m = rollouts["completion_mask"].float()
                 kl = fastpref.kl_penalty(logps, ref, "k3") * m
                 values["kl"] = (kl.sum().double().cpu(), m.sum().double().cpu())

@@ -207,8 +207,6 @@ def validate_rl(config: RLConfig) -> None:
         raise ValueError(f"--save_steps ({config.save_steps}) must be a multiple of --num_iterations "
                          f"({config.num_iterations}): a checkpoint falls between generation batches, so resuming it "
                          "samples the next batch exactly")
-    if config.fsdp:
-        raise ValueError("--fsdp is not supported by `fastpref train grpo` yet (use DDP: torchrun without --fsdp)")
     if config.use_peft and config.sft_warmup_steps:
         raise ValueError("--sft_warmup_steps with --use_peft is not supported by fastpref train")
     if config.use_peft and getattr(config, "beta", 0.0):
