@@ -257,20 +257,21 @@ def test_double_backward_raises_instead_of_a_wrong_gradient_penalty():
 @pytest.mark.parametrize("loss_type", ["sigmoid", "aot"], ids=["single_pass", "two_pass"])
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_a_second_backward_raises_where_the_gradients_were_scaled_in_place(monkeypatch, backend, loss_type):
-    """The Triton backend scales the stored gradients in place (no second dW): a second backward through
-    retain_graph=True raises, saying why; the chunked backend scales a copy, so a second backward adds the same
-    gradient again."""
+    """Both backends scale the stored gradients in place (no second dW): a second backward through
+    retain_graph=True raises, saying why; float64 (gradcheck's) scales a copy, so a second backward adds the
+    same gradient again."""
     monkeypatch.setenv("FASTPREF_BACKEND", backend)
-    hidden, weight, bias, labels, ref_c, ref_r = make_batch(torch.float32)
-    out = fastpref.linear_dpo_loss(hidden, weight, labels, ref_c, ref_r, bias=bias, loss_type=loss_type)
-    out.loss.backward(retain_graph=True)
-    first = hidden.grad.clone()
-    if backend == "triton":
-        with pytest.raises(RuntimeError, match="runs once on the Triton backend"):
+    for dtype in (torch.float32, torch.float64):
+        hidden, weight, bias, labels, ref_c, ref_r = make_batch(dtype)
+        out = fastpref.linear_dpo_loss(hidden, weight, labels, ref_c, ref_r, bias=bias, loss_type=loss_type)
+        out.loss.backward(retain_graph=True)
+        first = hidden.grad.clone()
+        if dtype == torch.float32:
+            with pytest.raises(RuntimeError, match="backward runs once"):
+                out.loss.backward()
+        else:
             out.loss.backward()
-    else:
-        out.loss.backward()
-        assert_close(hidden.grad, 2 * first, rtol=1e-6, atol=1e-7, name="two backwards")
+            assert_close(hidden.grad, 2 * first, rtol=1e-6, atol=1e-7, name="two backwards")
 
 
 def test_no_grad_and_inference_mode_run_the_forward_alone(monkeypatch):

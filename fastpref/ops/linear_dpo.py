@@ -6,7 +6,7 @@ strings (`op_options`).
 
 The op computes the loss's gradients w.r.t. hidden, weight, bias and the reference log-probs in its forward,
 and returns them as extra outputs; its backward only scales them by the loss's upstream gradient, in place
-on the Triton backend (no second dW; a second backward through retain_graph=True raises there), and is not
+but for float64 (no second dW; a second backward through retain_graph=True raises), and is not
 itself differentiable (create_graph=True raises). Without gradients (evaluation, `no_grad`,
 `inference_mode`) it runs the two passes' forward alone: one GEMM.
 
@@ -413,9 +413,10 @@ def _setup_context(ctx, inputs, output):
     hidden, needs = inputs[0], inputs[-1]
     ctx.save_for_backward(*output[len(OUTPUTS):])
     ctx.needs, ctx.n_inputs = needs, len(inputs)
-    # on the Triton backend each gradient is scaled in place: a second (V, H) dW would cost the
-    # weight's size again (1 GB at llama3-8b's head)
-    ctx.in_place = backend_for(hidden) is triton_backend and hidden.dtype != torch.float64
+    # each gradient is scaled in place: a second (V, H) dW would cost the weight's size again (1 GB at
+    # llama3-8b's head; on a CPU its allocation and page faults, 1% of a step at V = 128,256); float64
+    # (gradcheck, which runs several backwards) scales a copy
+    ctx.in_place = hidden.dtype != torch.float64
     ctx.mark_non_differentiable(*output[1:])
     ctx.set_materialize_grads(False)
 
@@ -430,9 +431,9 @@ def _backward(ctx, grad_loss, *_):
         saved = ctx.saved_tensors
     except RuntimeError as error:  # the first backward scaled them in place
         raise RuntimeError(
-            "linear_dpo_loss's backward runs once on the Triton backend (it scales its stored gradients in "
-            "place, so that dW is not held twice); compute the loss again instead of a second backward "
-            "with retain_graph=True"
+            "linear_dpo_loss's backward runs once (it scales its stored gradients in place, so that dW is not "
+            "held twice; float64 inputs excepted); compute the loss again instead of a second backward with "
+            "retain_graph=True"
         ) from error
 
     def scale(g):
