@@ -27,7 +27,7 @@ SLICE_COLS = 16384  # the two-pass backward's vocab slices at that tile (triton_
 # the gate's classes of the bf16 row kernels on these rows: aligned (padded) rows, one row per program
 FORWARD_CLASS = (
     "token_logps._forward_kernel",
-    "bf16 · BLOCK_ROWS=1 · BLOCK_V=4096 · =1: stride_v · %16!=0: ignore_index · warps=4",
+    "bf16 · STATS=0 · BLOCK_ROWS=1 · BLOCK_V=4096 · =1: stride_v · %16!=0: ignore_index · warps=4",
 )
 BACKWARD_CLASS = (
     "token_logps._backward_kernel",
