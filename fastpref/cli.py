@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from fastpref.parsers import ArgumentParser
@@ -175,9 +176,24 @@ def main(argv: list[str] | None = None) -> int:
         print(f"fastpref train {task}: error: {e}", file=sys.stderr)
         return 2
     from fastpref.train import distributed
-    from fastpref.train.loop import TrainingInterrupted, TrainingStopped, train
 
     dist = distributed.init()
+    code = _run(task, config, dist)
+    if dist.enabled:
+        # A finished multi-process job leaves without the interpreter's finalization: some gloo jobs aborted
+        # there (SIGABRT, "terminate called without an active exception") after their work was done, saved and
+        # the process group destroyed, and torchrun reported the job as failed. Every file is closed by now.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
+
+
+def _run(task: str, config, dist) -> int:
+    """`fastpref train <task>` on this process: the exit status (0, 1 on a clear error, 130 when interrupted)."""
+    from fastpref.train import distributed
+    from fastpref.train.loop import TrainingInterrupted, TrainingStopped, train
+
     try:
         summary = train(config)
     except (ValueError, FileNotFoundError, ImportError) as e:

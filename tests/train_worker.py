@@ -15,6 +15,7 @@ OUTPUT_DIR/probes_rank<r>.json for the test to read:
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -107,14 +108,20 @@ def main(argv: list[str]) -> None:
     rl.RLStage.sample = _sample(rl.RLStage.sample)
     config = parse_config(argv[0], argv[1:])
     dist = init()
+    code = 0
     try:
         loop.train(config)
         Path(config.output_dir, f"probes_rank{dist.rank}.json").write_text(json.dumps(PROBES, indent=1))
     except loop.TrainingInterrupted as e:  # SIGINT / SIGTERM: what `fastpref train` prints and its exit status
         print(f"rank {dist.rank}: {e}", flush=True)
-        sys.exit(130)
-    finally:  # as the CLI does: a live gloo group at interpreter exit can abort the process (SIGABRT, "terminate
-        shutdown(dist)  # called without an active exception"), failing a job that finished
+        code = 130
+    finally:
+        shutdown(dist)
+    # and leaves as the CLI does, without the interpreter's finalization (where gloo jobs that had finished
+    # aborted: SIGABRT, "terminate called without an active exception")
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 if __name__ == "__main__":
