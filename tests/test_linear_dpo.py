@@ -329,7 +329,9 @@ def test_triton_backward_makes_each_dw_slice_in_one_gemm():
 
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("backend", ["torch", "triton"])
-@pytest.mark.parametrize("selection, use_weighting", [(True, False), (("entropy", "is_top1"), True), ("mean_logit", False)])
+@pytest.mark.parametrize(
+    "selection, use_weighting", [(True, False), (("entropy", "is_top1"), True), ("mean_logit", False)]
+)
 def test_statistics_come_from_the_loss_pass(monkeypatch, mode, backend, selection, use_weighting):
     """return_stats: the per-token statistics of every sequence (M, T), as the reference computes them from
     the logits, from the loss's own pass (the same chunks, no other head forward); the loss and its
@@ -337,7 +339,9 @@ def test_statistics_come_from_the_loss_pass(monkeypatch, mode, backend, selectio
     monkeypatch.setenv("FASTPREF_BACKEND", backend)
     hidden, weight, bias, labels, ref_c, ref_r = make_batch(torch.float32)
     kwargs = {"memory_budget": MODES[mode](torch.float32), "softcap": 8.0, "use_weighting": use_weighting}
-    out, stats = fastpref.linear_dpo_loss(hidden, weight, labels, ref_c, ref_r, bias=bias, return_stats=selection, **kwargs)
+    out, stats = fastpref.linear_dpo_loss(
+        hidden, weight, labels, ref_c, ref_r, bias=bias, return_stats=selection, **kwargs
+    )
     plain = fastpref.linear_dpo_loss(hidden, weight, labels, ref_c, ref_r, bias=bias, **kwargs)
     assert_close(out.loss, plain.loss, rtol=1e-6, atol=1e-7, name="loss")
     got = torch.autograd.grad(out.loss, (hidden, weight, bias), torch.tensor(1.7))
@@ -345,6 +349,7 @@ def test_statistics_come_from_the_loss_pass(monkeypatch, mode, backend, selectio
     for name, g, e in zip(("hidden", "weight", "bias"), got, expected):
         assert_close(g, e, rtol=1e-5, atol=1e-6, name=f"grad {name}")
     want = ref.token_stats(ref.linear_logits(hidden, weight, bias), labels, softcap=8.0)
-    names = fastpref.TokenStats._fields if selection is True else ({selection} if isinstance(selection, str) else selection)
+    names = {selection} if isinstance(selection, str) else selection
+    names = fastpref.TokenStats._fields if selection is True else names
     assert_selected_stats(stats, names, want)
     assert not any(value is not None and value.requires_grad for value in stats)

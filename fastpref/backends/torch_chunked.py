@@ -12,8 +12,8 @@ multiplied into dh = dz·W and dW = dzᵀ·h (linear path).
 
 Memory: one fp32 tile of at most TILE_BYTES plus ~2 temporaries of its size on the logits path. The
 linear path holds one tile of LINEAR_TILE_BYTES at a time (each is dropped before the next is
-computed; without a softcap or an entropy gradient all its updates are in place) and its hidden rows; the forward also the compact hidden rows
-(n, H); the backward, besides the gradients themselves, nothing else of note in fp32 (dh and dW are
+computed; without a softcap or an entropy gradient all its updates are in place) and its hidden rows;
+the forward also the compact hidden rows (n, H); the backward, besides the gradients themselves, nothing else of note in fp32 (dh and dW are
 accumulated in place), and for half dtypes an fp32 dh accumulator (n, H) and one vocab chunk's fp32
 dW (cols, H). Nothing of size (N, V) except the logits gradient the logits path returns.
 FLOPs (linear path): forward 2·n·H·V, backward 6·n·H·V, n counting valid tokens only.

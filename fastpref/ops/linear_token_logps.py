@@ -29,7 +29,8 @@ def linear_token_logps_op(
     stats: int,
     n_valid: Optional[int] = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """(..., H), (V, H), (V,) or None, (...) -> logps (...), lse (2, ...), the stats the selector `stats` selects (k, ...).
+    """(..., H), (V, H), (V,) or None, (...) -> logps (...), lse (2, ...), the stats the selector `stats`
+    selects (k, ...).
     n_valid: the number of valid labels, when the caller has counted (and range-checked) them."""
     params = HeadParams(ignore_index, temperature, softcap, tile_bytes, logit_scale)
     pos = rows.valid_rows(labels, ignore_index, weight.shape[0], n_valid)

@@ -29,7 +29,8 @@ def token_logps_op(
     stats: int,
     inplace_backward: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """(..., V), (...) -> logps (...), lse (2, ...), the stats the selector `stats` selects (k, ...); fp32 (fp64 for fp64).
+    """(..., V), (...) -> logps (...), lse (2, ...), the stats the selector `stats` selects (k, ...); fp32
+    (fp64 for fp64).
     With inplace_backward, the backward writes the gradient into the logits' storage."""
     params = _params(ignore_index, temperature, softcap, tile_bytes, logit_scale)
     logps, lse, out_stats = backend_for(logits).logits_forward(logits, labels, params, stats)
