@@ -93,6 +93,11 @@ def shares_memory(t: torch.Tensor) -> bool:
     return False
 
 
+def asks_stats(return_stats) -> bool:
+    """Whether a call returns (result, TokenStats): anything but False / None, an empty selection too."""
+    return return_stats is not False and return_stats is not None
+
+
 def token_stats(stats: torch.Tensor, selector: int, wanted: int | None = None) -> TokenStats:
     """The ops' (k, ...) stats output of `selector` -> TokenStats of those `wanted` (default: all of
     them; None where not wanted)."""
@@ -144,7 +149,7 @@ def token_logps(
         )
     selector = stats_selector(return_stats)
     logps, _lse, stats = token_logps_op(logits, labels, *dataclasses.astuple(params), selector, inplace_backward)
-    return logps if return_stats is False or return_stats is None else (logps, token_stats(stats, selector))
+    return (logps, token_stats(stats, selector)) if asks_stats(return_stats) else logps
 
 
 def _check_linear(hidden, weight, labels, bias, ignore_index, temperature, softcap, logit_scale):
@@ -193,7 +198,7 @@ def linear_token_logps(
     params, labels = _check_linear(hidden, weight, labels, bias, ignore_index, temperature, softcap, logit_scale)
     selector = stats_selector(return_stats)
     logps, _lse, stats = linear_token_logps_op(hidden, weight, bias, labels, *dataclasses.astuple(params), selector)
-    return logps if return_stats is False or return_stats is None else (logps, token_stats(stats, selector))
+    return (logps, token_stats(stats, selector)) if asks_stats(return_stats) else logps
 
 
 def _check_values_mask(values, mask):
@@ -402,9 +407,7 @@ def linear_dpo_loss(
     out, stats = linear_dpo(
         hidden, weight, bias, labels, ref_chosen_logps, ref_rejected_logps, chosen_idx, rejected_idx, params
     )
-    if return_stats is False or return_stats is None:
-        return out
-    return out, token_stats(stats, params.pass_stats, wanted=selector)
+    return (out, token_stats(stats, params.pass_stats, wanted=selector)) if asks_stats(return_stats) else out
 
 
 def _sigmoid_kernel_serves(tensor: torch.Tensor, *refs) -> bool:

@@ -152,6 +152,15 @@ def _exp_(x: torch.Tensor, with_x_dot: bool) -> torch.Tensor | None:
     return x_dot
 
 
+def _max_and_sums(z: torch.Tensor, y: torch.Tensor, stats: int):
+    """What a tile z (r, c) gives before it is shifted: its row max (r,), and where the selector `stats` asks,
+    whether each row's first maximum (as torch.argmax) sits at column y (r,) bool, and Σ z (r,); else None."""
+    if stats & IS_TOP1:
+        row_max, argmax = z.max(1)
+        return row_max, argmax == y, z.sum(1) if stats & MEAN_LOGIT else None
+    return z.amax(1), None, z.sum(1) if stats & MEAN_LOGIT else None
+
+
 class _RowFold:
     """Running log-sum-exp (and the statistics a selector asks for) of r rows seen one vocab chunk at a time.
 
@@ -172,13 +181,8 @@ class _RowFold:
         # A chunk that is −inf throughout (a constrained-decoding mask) is empty: its max is clamped
         # to the lowest finite value, so that every shift below stays finite and its sum is 0.
         lowest = torch.finfo(z.dtype).min
-        if want & IS_TOP1:
-            chunk_max, chunk_argmax = z.max(1)  # the first maximum's column, as torch.argmax
-            top_here = chunk_argmax == y_local  # the chunk's first maximum is the target
-        else:
-            chunk_max = z.amax(1)
+        chunk_max, top_here, chunk_z_sum = _max_and_sums(z, y_local, want)
         chunk_max = chunk_max.clamp_(min=lowest)
-        chunk_z_sum = z.sum(1) if want & MEAN_LOGIT else None
         exp = z.sub_(chunk_max[:, None])
         p_dot_z = _exp_(exp, with_x_dot=bool(want & ENTROPY))  # Σ softmax·(z − max) · Σ exp, with the entropy
         chunk_sum = exp.sum(1)
@@ -416,17 +420,6 @@ def linear_backward(
     return dh, dw, db
 
 
-def _fused_stats(z, y, stats: int):
-    """The statistics a selector asks for that need the transformed tile z (r, V) before it is shifted:
-    (row max (r,), [is_top1 (r,)], [mean logit (r,)])."""
-    if stats & IS_TOP1:
-        row_max, argmax = z.max(1)  # the first maximum's column, as torch.argmax
-        top1 = [(argmax == y).to(z.dtype)]
-    else:
-        row_max, top1 = z.amax(1), []
-    return row_max, top1, [z.sum(1) / z.shape[1]] if stats & MEAN_LOGIT else []
-
-
 def linear_rows_fused(h_rows, weight, bias, y, params: HeadParams, token_grads: Callable, dw_acc, db_acc, stats: int):
     """One pass over the logits of r rows, held whole as one (r, V) tile: 3 GEMMs.
 
@@ -440,7 +433,7 @@ def linear_rows_fused(h_rows, weight, bias, y, params: HeadParams, token_grads: 
     slope = None  # dz'/draw per logit under a softcap, read from the transformed tile before it is overwritten
     if params.softcap is not None:
         slope = (z * (params.temperature / params.softcap)).square_().neg_().add_(1.0).mul_(_raw_slope(params))
-    row_max, top1, mean_logit = _fused_stats(z, y, stats)
+    row_max, top1, z_sum = _max_and_sums(z, y, stats)
     picked = z.gather(1, y[:, None]).squeeze(1) - row_max
     # the tile becomes exp(z − max) in place, then the gradient: no second tile (the softmax is exp / Σ exp)
     probs = z.sub_(row_max[:, None])
@@ -449,7 +442,8 @@ def linear_rows_fused(h_rows, weight, bias, y, params: HeadParams, token_grads: 
     log_sum = total.log()
     logps = picked - log_sum
     rows = [log_sum - p_dot_z / total] if stats & ENTROPY else []
-    rows += top1 + mean_logit
+    rows += [] if top1 is None else [top1.to(z.dtype)]
+    rows += [] if z_sum is None else [z_sum / z.shape[1]]
     if stats & LOG_SUM_SQ_PROBS:
         rows.append(_row_dot(probs, probs).log() - 2 * log_sum)
     out_stats = torch.stack(rows) if rows else None
